@@ -1,0 +1,145 @@
+"""Named sites in the nanochat GPT, and the small API to read or replace activations there.
+
+Sites: `embed` (normed, smeared token embedding = x0), per layer i `blocks.{i}.resid_pre` (block input after
+the lambda mix), `.attn_out`, `.resid_mid`, `.mlp_hidden` (after relu²), `.mlp_out`, `.resid_post` (block
+output), and `final` (normed input of lm_head). SAELens/TransformerLens names (`blocks.{i}.hook_resid_post`,
+`blocks.{i}.mlp.hook_post`, `hook_embed`, `ln_final.hook_normalized`) are accepted everywhere.
+
+A hook is f(x, start) -> replacement or None, where x is (B, T, d) and `start` the absolute position of
+x[:, 0] (the KV-cache offset in decode steps, 0 in full forwards).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .errors import NanosaeError
+from .gpt import GPT, HookFn
+
+LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
+GLOBAL_SITES = ("embed", "final")
+_SAELENS = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out",
+    "hook_mlp_out": "mlp_out",
+    "mlp.hook_post": "mlp_hidden",
+}
+_SAELENS_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final"}
+_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def site_name(layer: int, kind: str = "resid_post") -> str:
+    if kind in GLOBAL_SITES:
+        return kind
+    if kind not in LAYER_SITES:
+        raise NanosaeError(f"unknown site {kind!r}; choose one of {', '.join(LAYER_SITES + GLOBAL_SITES)}")
+    return f"blocks.{layer}.{kind}"
+
+
+def parse_site(name: str) -> tuple[int | None, str]:
+    """(layer, kind) of a nanosae or SAELens site name; layer is None for embed/final."""
+    name = _SAELENS_GLOBAL.get(name, name)
+    if name in GLOBAL_SITES:
+        return None, name
+    m = _LAYER_RE.fullmatch(name)
+    kind = m and _SAELENS.get(m[2], m[2])
+    if not m or kind not in LAYER_SITES:
+        raise NanosaeError(
+            f"unknown site {name!r}; use blocks.<layer>.<{'|'.join(LAYER_SITES)}>, embed or final "
+            "(SAELens names like blocks.<layer>.hook_resid_post work too)"
+        )
+    return int(m[1]), kind
+
+
+def canonical_site(name: str, model: GPT | None = None) -> str:
+    """The nanosae name of a site, checked against the model's depth when a model is given."""
+    layer, kind = parse_site(name)
+    if model is not None and layer is not None and layer >= model.config.n_layer:
+        raise NanosaeError(f"site {name!r}: the model has layers 0..{model.config.n_layer - 1}; pick one of those")
+    return kind if layer is None else f"blocks.{layer}.{kind}"
+
+
+def saelens_hook_name(site: str) -> str:
+    """The TransformerLens hook name SAELens configs use for a site."""
+    layer, kind = parse_site(site)
+    if layer is None:
+        return {v: k for k, v in _SAELENS_GLOBAL.items()}[kind]
+    return f"blocks.{layer}.{ {v: k for k, v in _SAELENS.items()}[kind] }"
+
+
+def site_width(model: GPT, site: str) -> int:
+    _, kind = parse_site(site)
+    return 4 * model.config.n_embd if kind == "mlp_hidden" else model.config.n_embd
+
+
+def last_layer(sites: Iterable[str], model: GPT) -> int | None:
+    """The block after which a forward can stop and still pass every site (-1: the embedding; None: all)."""
+    layers = []
+    for s in sites:
+        layer, kind = parse_site(s)
+        if kind == "final":
+            return None
+        layers.append(-1 if layer is None else layer)
+    if not layers:
+        return None
+    deepest = max(layers)
+    return None if deepest >= model.config.n_layer - 1 else deepest
+
+
+@contextmanager
+def add_hooks(model: GPT, fns: dict[str, HookFn | list[HookFn]]) -> Iterator[GPT]:
+    """Register hooks for the duration of the block; they run in registration order at each site."""
+    added: list[tuple[str, HookFn]] = []
+    try:
+        for site, f in fns.items():
+            site = canonical_site(site, model)
+            for fn in f if isinstance(f, list) else [f]:
+                model.hooks.setdefault(site, []).append(fn)
+                added.append((site, fn))
+        yield model
+    finally:
+        for site, fn in added:
+            model.hooks[site].remove(fn)
+            if not model.hooks[site]:
+                del model.hooks[site]
+
+
+class Capture(dict):
+    """site -> list of activations, one tensor per forward (prefill, then each decode step)."""
+
+    def cat(self, site: str) -> torch.Tensor:
+        """All captured positions of a site concatenated along the sequence axis: (B, T_total, d)."""
+        return torch.cat(self[canonical_site(site)], dim=1)
+
+
+@contextmanager
+def capture(model: GPT, sites: Iterable[str], fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Record (a function of) the activations at `sites` on every forward inside the block."""
+    got = Capture()
+    names = [canonical_site(s, model) for s in sites]
+
+    def recorder(site: str) -> HookFn:
+        def record(x: torch.Tensor, start: int) -> None:
+            got.setdefault(site, []).append(x.detach() if fn is None else fn(x.detach()))
+
+        return record
+
+    with add_hooks(model, {s: recorder(s) for s in names}):
+        yield got
+
+
+def run_with_cache(
+    model: GPT, idx: torch.Tensor, sites: Iterable[str], stop_early: bool = True
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One forward returning (logits or None, {site: activation}); stops after the deepest site if allowed."""
+    sites = [canonical_site(s, model) for s in sites]
+    stop = last_layer(sites, model) if stop_early else None
+    with capture(model, sites) as got:
+        logits = model(idx, stop_after_layer=stop)
+    return logits, {s: got[s][0] for s in sites}
