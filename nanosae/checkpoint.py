@@ -120,12 +120,22 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def _load_failure(e: Exception) -> str:
+    msg = str(e)
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", msg):
+        return f"refused: the pickle asks for {m[1]} besides tensors (nanosae loads weights only)"
+    if "Weights only load failed" in msg or "zip archive" in msg or "invalid load key" in msg:
+        return "not a readable torch checkpoint (corrupt or truncated? copy it again)"
+    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    return f"cannot read as a torch checkpoint ({first[:200]})"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # no mmap: parameters backed by the file would crash the process (SIGBUS) if the file were rewritten
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NanosaeError(f"{path}: cannot read as a torch checkpoint ({first[:200]})") from None
+        raise NanosaeError(f"{path}: {_load_failure(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise NanosaeError(f"{path}: does not hold a state dict of tensors")
     return {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
@@ -142,6 +152,13 @@ def config_from_meta(meta: dict, meta_path: Path) -> GPTConfig:
             f"(unknown: {sorted(unknown)}, missing: {sorted(missing)})"
         )
     cfg.setdefault("window_pattern", "L")
+    bad = [k for k, v in cfg.items() if not (isinstance(v, str) if k == "window_pattern" else type(v) is int and v > 0)]
+    if bad:
+        raise NanosaeError(f"{meta_path}: model_config has invalid values for {bad}; is this file corrupted?")
+    if cfg["n_embd"] % cfg["n_head"] or cfg["n_head"] % cfg["n_kv_head"]:
+        raise NanosaeError(
+            f"{meta_path}: n_embd must divide by n_head and n_head by n_kv_head; is this file corrupted?"
+        )
     return GPTConfig(**cfg)
 
 
@@ -170,8 +187,18 @@ def build_model(
     if GENERATIONS[generation].lambdas and "resid_lambdas" not in sd:  # nanochat patches these the same way
         sd["resid_lambdas"] = torch.ones(config.n_layer)
         sd["x0_lambdas"] = torch.zeros(config.n_layer)
-    with torch.device("meta"):
-        model = GPT(config, generation, padded_vocab=sd["transformer.wte.weight"].shape[0])
+    wte = sd["transformer.wte.weight"]
+    padded_vocab = wte.shape[0] if wte.dim() == 2 else 0
+    if padded_vocab < config.vocab_size:
+        raise NanosaeError(
+            f"{where}: transformer.wte.weight has shape {tuple(wte.shape)} but the meta says vocab_size "
+            f"{config.vocab_size}; the model and meta files do not belong together"
+        )
+    try:
+        with torch.device("meta"):
+            model = GPT(config, generation, padded_vocab=padded_vocab)
+    except NanosaeError as e:
+        raise NanosaeError(f"{where}: {e}") from None
     expected = model.state_dict()
     unknown, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
     if unknown or missing:
@@ -184,9 +211,9 @@ def build_model(
             raise NanosaeError(
                 f"{where}: {k} has shape {tuple(sd[k].shape)} but the meta config implies {tuple(v.shape)}"
             )
-    model.to_empty(device=device)
-    model.cos, model.sin = (t.to(device) for t in model._rope_tables(model.cos.size(1)))
+    # assign=True swaps the meta tensors for the loaded ones (no to_empty: on meta it costs a second of imports)
     model.load_state_dict({k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}, assign=True)
+    model.cos, model.sin = (t.to(device) for t in model._rope_tables(model.cos.size(1)))
     model.set_compute_dtype(dtype)
     model.eval().requires_grad_(False)
     return model
@@ -237,6 +264,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: GPT, meta: di
     ckpt_dir = Path(ckpt_dir)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     path = atomic_write(ckpt_dir / f"model_{step:06d}.pt", lambda f: torch.save(sd, f))
-    meta = {"step": step, "model_config": dataclasses.asdict(model.config), **meta}
+    meta = {"step": step, **meta}
+    meta.update(step=step, model_config=dataclasses.asdict(model.config))  # the caller's meta may be stale
     atomic_write_json(ckpt_dir / f"meta_{step:06d}.json", meta)
     return path

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .errors import NanosaeError
 from .gpt import GPT
 
 
@@ -41,9 +42,9 @@ def generate_stream(
     """Yield new token ids one at a time. Stops after max_tokens or after yielding a stop token (which is
     yielded, as the Engine does). With read_last the model also reads the final token, so hooks see it."""
     if not tokens:
-        raise ValueError("generation needs at least one prompt token")
+        raise NanosaeError("generation needs at least one prompt token")
     if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+        raise NanosaeError(f"temperature must be >= 0 (got {temperature})")
     stop = set(stop_tokens or ())
     device = model.device
     rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -72,19 +73,3 @@ def generate(
 ) -> list[int]:
     """The new token ids (a stop token, when one ends generation, is the last id)."""
     return list(generate_stream(model, tokens, max_tokens, temperature, top_k, seed, stop_tokens))
-
-
-@torch.inference_mode()
-def generate_uncached(
-    model: GPT, tokens: list[int], max_tokens: int, stop_tokens: Iterable[int] | None = None
-) -> list[int]:
-    """Greedy decoding that re-runs the whole prefix each step (nanochat's GPT.generate); a reference."""
-    stop, ids, out = set(stop_tokens or ()), list(tokens), []
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([ids], dtype=torch.long, device=model.device))[:, -1]
-        token = int(logits.argmax(-1).item())
-        out.append(token)
-        ids.append(token)
-        if token in stop:
-            break
-    return out

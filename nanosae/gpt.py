@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import NanosaeError
+
 
 @dataclass
 class GPTConfig:
@@ -114,6 +116,18 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # see Embedding
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # A model built on the meta device only describes shapes (a checkpoint fills it); initialising meta
+        # tensors would import torch._dynamo, seconds of every load.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # half-split (not interleaved), rotation by -theta, as nanochat keeps it for checkpoint compatibility
@@ -188,7 +202,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.pos
             if start + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} positions; got {start + T}")
+                raise NanosaeError(f"the KV cache holds {cache.max_len} positions but {start + T} were fed")
             cache.k[layer, :, :, start : start + T] = k
             cache.v[layer, :, :, start : start + T] = v
             k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
@@ -235,9 +249,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, generation: str = "current", padded_vocab: int | None = None):
         super().__init__()
         if generation not in GENERATIONS:
-            raise ValueError(f"unknown generation {generation!r}; choose one of {', '.join(GENERATIONS)}")
+            raise NanosaeError(f"unknown generation {generation!r}; choose one of {', '.join(GENERATIONS)}")
         if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-            raise ValueError("n_embd must divide by n_head and n_head by n_kv_head")
+            raise NanosaeError(f"n_embd ({config.n_embd}) must divide by n_head and n_head by n_kv_head")
         self.config = config
         self.gen = gen = GENERATIONS[generation]
         if padded_vocab is None:
@@ -248,7 +262,7 @@ class GPT(nn.Module):
         self.ve_layers = [i for i in range(L) if gen.ve_gate_in and i % 2 == (L - 1) % 2]
         self.transformer = nn.ModuleDict(
             {
-                "wte": nn.Embedding(padded_vocab, C),
+                "wte": Embedding(padded_vocab, C),
                 "h": nn.ModuleList([Block(config, gen, i in self.ve_layers) for i in range(L)]),
             }
         )
@@ -261,9 +275,13 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         if self.ve_layers:
-            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(padded_vocab, kv_dim) for i in self.ve_layers})
+            self.value_embeds = nn.ModuleDict({str(i): Embedding(padded_vocab, kv_dim) for i in self.ve_layers})
         self.windows = self.window_sizes()
-        cos, sin = self._rope_tables(10 * config.sequence_len)
+        n_rope = 10 * config.sequence_len
+        if self.lm_head.weight.is_meta:  # shapes only, as above; build_model computes the tables
+            cos = sin = torch.empty(1, n_rope, 1, C // config.n_head // 2)
+        else:
+            cos, sin = self._rope_tables(n_rope)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.hooks: dict[str, list[HookFn]] = {}
@@ -275,7 +293,7 @@ class GPT(nn.Module):
             return [None] * cfg.n_layer
         pattern = (cfg.window_pattern or "L").upper()
         if set(pattern) - {"S", "L"}:
-            raise ValueError(f"window_pattern {cfg.window_pattern!r} may only hold S and L")
+            raise NanosaeError(f"window_pattern {cfg.window_pattern!r} may only hold S and L")
         short = self.gen.short_window(cfg.sequence_len)
         sizes = [short if pattern[i % len(pattern)] == "S" else cfg.sequence_len for i in range(cfg.n_layer)]
         sizes[-1] = cfg.sequence_len
@@ -356,9 +374,14 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self.cos.size(1):
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the RoPE table ({self.cos.size(1)})")
-        if stop_after_layer is not None and kv_cache is not None:
-            raise ValueError("stop_after_layer cannot be combined with a KV cache")
+            raise NanosaeError(
+                f"{pos + T} tokens exceed the model's RoPE table ({self.cos.size(1)}); feed fewer tokens"
+            )
+        if stop_after_layer is not None:
+            if kv_cache is not None:
+                raise NanosaeError("stop_after_layer cannot be combined with a KV cache")
+            if not -1 <= stop_after_layer < self.config.n_layer:
+                raise NanosaeError(f"stop_after_layer {stop_after_layer}: pick -1..{self.config.n_layer - 1}")
         dtype = self.compute_dtype
         cos, sin = self.cos[:, pos : pos + T].to(dtype), self.sin[:, pos : pos + T].to(dtype)
         hooks = self.hooks

@@ -1,17 +1,33 @@
-"""Sparse autoencoder architectures: encode, decode, save and load (SAELens v6 folders).
+"""Sparse autoencoders: the inference SAE (SAELens v6 folders in and out, sparsify folders in) and the training
+side of every architecture, each in one class that holds its whole math.
 
-Inference architectures use SAELens' names and tensors:
-  standard  f = relu(W_enc^T (x - b_dec) + b_enc)
+Inference architectures use SAELens' names and tensors (x_hat = f W_dec + b_dec; W_enc [d_in, d_sae],
+W_dec [d_sae, d_in], b_dec [d_in]; pre = (x - b_dec) W_enc + b_enc):
+  standard  f = relu(pre)
   topk      f = relu(topk_k(pre))
-  jumprelu  f = pre * (pre > threshold)
+  jumprelu  f = relu(pre) * (pre > threshold)
   gated     f = 1[(x - b_dec) W_enc + b_gate > 0] * relu((x - b_dec)(W_enc * exp(r_mag)) + b_mag)
-and x_hat = f W_dec + b_dec. Shapes: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+
+Training architectures (standards.md 4; e = x - x_hat; every loss is a mean over tokens):
+  standard   ReLU + L1 (Anthropic 2023): f = relu(pre), L = |e|^2 + λ |f|_1, unit-norm decoder, resampling
+  april      Anthropic April 2024: f = relu(x W_enc + b_enc) (no b_dec shift), L = |e|^2 + λ Σ_i f_i |W_dec[i]|,
+             free decoder norms (init 0.1), gradient clipping
+  topk       OpenAI: f = relu(topk_k(pre)), L = |e|^2 / mse_scale + α AuxK, unit-norm decoder, sparse decode
+  batchtopk  the B*k largest relu(pre) of the batch; saved as jumprelu with the EMA of the smallest kept value
+  gated      gate/magnitude paths sharing W_enc (W_mag = exp(r_mag) W_enc), L = |e|^2 + λ|relu(π_gate)|_1
+             + |x - (relu(π_gate) W_dec.detach() + b_dec.detach())|^2, unit-norm decoder, resampling
+  jumprelu   f = pre * H(pre - θ), L = |e|^2 + λ |f|_0 with straight-through gradients (bandwidth ε) to θ
+Matryoshka (topk, batchtopk): the loss averages the reconstruction error of every nested prefix of latents.
+
+Every training SAE sees its inputs scaled by one constant (E|x| = sqrt(d_in) when `normalize`); saving folds the
+constant back (biases and thresholds / c), so the saved SAE reads and writes the model's own activations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import sparse
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json
 
@@ -88,7 +105,7 @@ class SAE(nn.Module):
             vals, idx = pre.topk(self.cfg.k, dim=-1)
             return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
         if arch == "jumprelu":
-            return pre * (pre > self.threshold)
+            return F.relu(pre) * (pre > self.threshold)
         mag = (x.to(self.W_enc.dtype) - self.b_dec) @ (self.W_enc * self.r_mag.exp()) + self.b_mag
         return (pre > 0) * F.relu(mag)
 
@@ -149,50 +166,608 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     return out
 
 
-def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load a SAELens folder (ours or SAELens' own: standard, topk, jumprelu, gated)."""
-    from safetensors.torch import load_file
+# ---------------------------------------------------------------------------------------------------------------
+# loading SAELens and sparsify folders
 
-    from .hooks import canonical_site
 
-    path = Path(path)
-    cfg_file, weights_file = path / "cfg.json", path / "sae_weights.safetensors"
-    if not cfg_file.is_file():
-        raise NanosaeError(f"{path}: no cfg.json; pass an SAE folder (cfg.json + sae_weights.safetensors)")
+def _read_cfg(cfg_file: Path) -> dict:
     try:
         raw = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise NanosaeError(f"{cfg_file}: not valid JSON ({e})") from None
-    meta = raw.get("metadata", {}) or {}
-    hook = meta.get("nanosae_site") or meta.get("hook_name") or raw.get("hook_name") or ""
+    except (OSError, ValueError) as e:
+        raise NanosaeError(
+            f"{cfg_file}: not valid JSON ({e}); the SAE folder is corrupt, save or download it again"
+        ) from None
+    if not isinstance(raw, dict):
+        raise NanosaeError(f"{cfg_file}: not a JSON object; the SAE folder is corrupt, save or download it again")
+    return raw
+
+
+def _read_tensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not weights_file.is_file():
+        raise NanosaeError(f"{weights_file.parent}: no {weights_file.name}; the SAE folder is incomplete")
     try:
-        hook = canonical_site(hook) if hook else ""
+        return {k: v.float() for k, v in load_file(weights_file).items()}
+    except Exception as e:
+        raise NanosaeError(
+            f"{weights_file}: cannot read safetensors ({e}); the file is corrupt, save it again"
+        ) from None
+
+
+def _site(hook: str) -> str:
+    from .hooks import canonical_site
+
+    try:
+        return canonical_site(hook) if hook else ""
     except NanosaeError:
-        pass  # a hook name from another model family: keep it, the SAE can still encode/decode tensors
+        return hook  # a hook name from another model family: keep it, the SAE can still encode/decode tensors
+
+
+def _saelens_tensors(raw: dict, t: dict[str, torch.Tensor], where: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Map SAELens variants onto our four inference forms (x - b_dec always applied, no rescaling)."""
+    arch = raw.get("architecture", "standard")
+    batchtopk = arch in ("batchtopk", "matryoshka_batchtopk") and "topk_threshold" in t  # a training checkpoint
+    if (arch == "topk" or batchtopk) and raw.get("rescale_acts_by_decoder_norm"):  # top-k of pre*|W_dec|: fold
+        n = t["W_dec"].norm(dim=1)
+        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
+    if batchtopk:  # its threshold applies to those (rescaled) activations
+        t["threshold"] = t.pop("topk_threshold").reshape(()).expand(t["b_enc"].shape).clone()
+        arch = "jumprelu"
+    if arch not in ARCHITECTURES:
+        raise NanosaeError(f"{where}: SAELens architecture {arch!r} is not supported; use {', '.join(ARCHITECTURES)}")
+    norm = raw.get("normalize_activations", "none") or "none"
+    if norm != "none":
+        raise NanosaeError(f"{where}: normalize_activations={norm!r} is not folded into the weights; save it folded")
+    if not raw.get("apply_b_dec_to_input", True) and "b_dec" in t and "W_enc" in t:  # pre = x W_enc + b: shift b
+        shift = t["b_dec"] @ t["W_enc"]
+        if arch == "gated":
+            t["b_gate"] = t["b_gate"] + shift
+            t["b_mag"] = t["b_mag"] + shift * t["r_mag"].exp()
+        else:
+            t["b_enc"] = t["b_enc"] + shift
+    return arch, t
+
+
+def _sparsify_hook(folder_name: str) -> str:
+    """sparsify names hookpoints by module: layers.N is the block output (our resid_post)."""
+    parts = folder_name.split(".")
+    if len(parts) == 2 and parts[0] in ("layers", "h", "blocks") and parts[1].isdigit():
+        return f"blocks.{parts[1]}.resid_post"
+    return ""
+
+
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Load an SAE folder: SAELens (ours or SAELens' own: standard, topk, jumprelu, gated, and batchtopk
+    training checkpoints) or a sparsify hookpoint folder (cfg.json + sae.safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NanosaeError(f"{path}: not found; pass an SAE folder (cfg.json + sae_weights.safetensors)")
+    cfg_file = path / "cfg.json"
+    if not cfg_file.is_file():
+        inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors")) or sorted(
+            p.parent.name for p in path.glob("*/sae_weights.safetensors")
+        )
+        hint = f" (it holds SAEs in {', '.join(inner[:5])}: pass one of those)" if inner else ""
+        raise NanosaeError(f"{path}: no cfg.json; pass an SAE folder (cfg.json + sae_weights.safetensors){hint}")
+    raw = _read_cfg(cfg_file)
+    if (path / "sae.safetensors").is_file() and not (path / "sae_weights.safetensors").is_file():
+        return _load_sparsify(path, raw, device)
+    meta = raw.get("metadata", {}) or {}
+    arch, tensors = _saelens_tensors(raw, _read_tensors(path / "sae_weights.safetensors"), path)
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(
-        **{k: raw[k] for k in ("architecture", "d_in", "d_sae", "k", "dtype") if k in raw and k in known},
-        hook_name=hook,
+        architecture=arch,
+        **{k: raw[k] for k in ("d_in", "d_sae", "dtype") if k in raw and k in known},
+        k=raw.get("k") if arch == "topk" else None,
+        hook_name=_site(meta.get("nanosae_site") or meta.get("hook_name") or raw.get("hook_name") or ""),
         model_name=meta.get("model_name", raw.get("model_name", "")) or "",
         context_size=meta.get("context_size", raw.get("context_size", 0)) or 0,
         prepend_bos=meta.get("prepend_bos", True),
         dataset_path=meta.get("dataset_path", "") or "",
         training=meta.get("nanosae_training", {}) or {},
     )
-    if not weights_file.is_file():
-        raise NanosaeError(f"{path}: no sae_weights.safetensors")
-    try:
-        tensors = load_file(weights_file)
-    except Exception as e:
-        raise NanosaeError(f"{weights_file}: cannot read safetensors ({e})") from None
+    return _from_tensors(cfg, tensors, path / "sae_weights.safetensors", device)
+
+
+def _load_sparsify(path: Path, raw: dict, device) -> SAE:
+    if raw.get("transcode") or raw.get("skip_connection"):
+        raise NanosaeError(f"{path}: sparsify transcoders and skip connections are not supported")
+    if raw.get("activation", "topk") != "topk":
+        raise NanosaeError(f"{path}: sparsify activation {raw.get('activation')!r} is not supported (only topk)")
+    t = _read_tensors(path / "sae.safetensors")
+    if "encoder.weight" not in t:
+        raise NanosaeError(f"{path / 'sae.safetensors'}: no encoder.weight; not a sparsify SAE")
+    d_sae, d_in = t["encoder.weight"].shape
+    # sparsify encodes topk(relu(pre)): the same latents as relu(topk(pre))
+    tensors = {"W_enc": t["encoder.weight"].t(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    cfg = SAEConfig(
+        "topk", d_in=raw.get("d_in", d_in), d_sae=d_sae, k=raw.get("k"), hook_name=_sparsify_hook(path.name)
+    )
+    return _from_tensors(cfg, tensors, path / "sae.safetensors", device)
+
+
+def _from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device) -> SAE:
     sae = SAE(cfg)
     expected = sae.state_dict()
     if set(tensors) != set(expected):
         raise NanosaeError(
-            f"{weights_file}: tensors {sorted(tensors)} do not match a {cfg.architecture} SAE ({sorted(expected)})"
+            f"{where}: tensors {sorted(tensors)} do not match a {cfg.architecture} SAE ({sorted(expected)})"
         )
     for k, v in expected.items():
         if tensors[k].shape != v.shape:
-            raise NanosaeError(f"{weights_file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
-    sae.load_state_dict({k: v.float() for k, v in tensors.items()})
+            raise NanosaeError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
     return sae.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class SAETrainConfig:
+    """One SAE's training recipe. None picks the architecture's default (the `defaults` of its class)."""
+
+    arch: str = "topk"  # standard | april | topk | batchtopk | gated | jumprelu
+    expansion: int = 16  # d_sae = expansion * d_in, unless d_sae is given
+    d_sae: int = 0
+    k: int = 32  # topk, batchtopk: active latents per token (batchtopk: on average over the batch)
+    matryoshka: tuple[int, ...] = ()  # topk, batchtopk: nested prefix widths, e.g. (128, 512); d_sae closes it
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14) (the TopK paper's width rule)
+    sparsity_coeff: float | None = None  # λ of the L1 (standard, april, gated) or L0 (jumprelu) penalty
+    aux_coeff: float = 1 / 32  # AuxK weight (topk, batchtopk)
+    k_aux: int | None = None  # AuxK latents per token; None: d_in // 2
+    normalize: bool | None = None  # scale inputs to E|x| = sqrt(d_in), folded into the weights at save (not topk)
+    b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
+    bandwidth: float = 0.05  # jumprelu: straight-through estimator bandwidth ε
+    init_threshold: float = 0.01  # jumprelu: initial θ
+    threshold_rate: float = 0.01  # batchtopk: EMA rate of the inference threshold
+    resample: bool | None = None  # Anthropic resampling of dead latents at 20/40/60/80% of training
+    grad_clip: float | None = None  # clip the gradient norm (0: off)
+    beta1: float | None = None  # Adam beta1
+    name: str = ""  # output subfolder when a run trains several SAEs
+
+    def resolved(self, d_in: int) -> SAETrainConfig:
+        """A copy with every default filled in and checked, for an input width d_in."""
+        if self.arch not in TRAINING_CLASSES:
+            raise NanosaeError(
+                f"unknown training architecture {self.arch!r}; choose one of {', '.join(TRAINING_CLASSES)}"
+            )
+        cls = TRAINING_CLASSES[self.arch]
+        c = dataclasses.replace(self, matryoshka=tuple(int(m) for m in self.matryoshka))
+        c.d_sae = self.d_sae or self.expansion * d_in
+        c.expansion = c.d_sae // d_in
+        for key, value in {**cls.defaults, "lr": 2e-4 / math.sqrt(c.d_sae / 2**14), "k_aux": d_in // 2}.items():
+            if getattr(c, key) is None:
+                setattr(c, key, value)
+        topk = c.arch in ("topk", "batchtopk")
+        if topk and not 0 < c.k <= c.d_sae:
+            raise NanosaeError(f"{c.arch} needs 0 < k <= d_sae (got k={c.k}, d_sae={c.d_sae}); lower --k")
+        if c.matryoshka and (
+            not topk or list(c.matryoshka) != sorted(set(c.matryoshka)) or c.matryoshka[-1] >= c.d_sae
+        ):
+            raise NanosaeError(
+                f"matryoshka widths {c.matryoshka} must be increasing, below d_sae={c.d_sae}, topk family"
+            )
+        if c.b_dec_init not in ("geometric_median", "mean", "zero"):
+            raise NanosaeError(f"unknown b_dec_init {c.b_dec_init!r}; use geometric_median, mean or zero")
+        if not c.name:
+            width = f"x{c.expansion}" if c.expansion * d_in == c.d_sae else f"w{c.d_sae}"
+            detail = f"k{c.k}" if topk else f"l{c.sparsity_coeff:g}"
+            c.name = f"{c.arch}{'_matryoshka' if c.matryoshka else ''}_{detail}_{width}"
+        return c
+
+
+def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7) -> torch.Tensor:
+    """The point minimising the summed distance to the rows of x (Weiszfeld's iteration, in float64)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - m).norm() <= tol * m.norm().clamp_min(1.0)
+        m = new
+        if done:
+            break
+    return m.float()
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # what backward() sees
+    sse: torch.Tensor  # sum over the batch of |x - x_hat|^2, in the model's units (detached)
+    fired: torch.Tensor  # (d_sae,) tokens each latent fired on
+    aux: torch.Tensor  # the auxiliary or sparsity term (detached)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # architecture bookkeeping, summed over ranks
+
+
+class TrainingSAE(nn.Module):
+    """What every architecture shares: parameters, init, decoder constraint, resampling and the save-time
+    conversion. A subclass holds one architecture's math: `loss` (and `encode`, `inference_tensors`)."""
+
+    inference_arch = "standard"
+    unit_norm = True  # decoder rows kept at norm 1 with the parallel gradient removed (standards.md 4)
+    decoder_init_norm = 1.0
+    defaults: dict = {}
+    enc_biases: tuple[str, ...] = ("b_enc",)  # per-latent encoder parameters, zeroed on resampling
+
+    def __init__(self, cfg: SAETrainConfig, d_in: int):
+        super().__init__()
+        self.cfg = cfg = cfg.resolved(d_in)
+        self.d_in, self.d_sae = d_in, cfg.d_sae
+        W_dec = torch.randn(cfg.d_sae, d_in)
+        W_dec *= self.decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # encoder = decoder transpose, stored as the transpose of a (d_sae, d_in) matrix: the gradients of x @ W_enc
+        # (dense and sparse) arrive in that layout, so the optimizer gets them without a transposing copy
+        self.W_enc = nn.Parameter(W_dec.clone().t())
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        for name in self.enc_biases:
+            setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae)))
+        self.register_buffer("input_scale", torch.tensor(1.0))  # c: the SAE sees c * x
+        self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c x - E[c x]|^2 of the init sample
+        self.world_sum = lambda t: t  # sums a tensor over data-parallel ranks (the trainer sets it under DDP)
+
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor) -> None:
+        """Set the input scale, b_dec and the MSE normaliser from a sample of activations (n, d_in)."""
+        c = math.sqrt(self.d_in) / x.norm(dim=1).mean().item() if self.cfg.normalize else 1.0
+        xs = x * c
+        self.input_scale.fill_(c)
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(xs))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(xs.mean(0))
+        self.mse_scale.fill_((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12))
+
+    def pre(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, xs: torch.Tensor) -> torch.Tensor:
+        """Dense latents of scaled inputs (for resampling and checks; training uses `loss`)."""
+        raise NotImplementedError
+
+    def loss(self, x: torch.Tensor, dead: torch.Tensor, coeff: float) -> LossOut:
+        """Loss on a batch of model activations x (n, d_in); `dead` (d_sae,) marks dead latents, `coeff` in [0, 1]
+        is the sparsity-coefficient warm-up."""
+        raise NotImplementedError
+
+    def _out(self, loss, sse, fired, aux, **extra) -> LossOut:
+        return LossOut(loss, sse.detach() / self.input_scale**2, fired, aux.detach(), extra)
+
+    def latent_params(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, dim) pairs whose slices along dim belong to one latent."""
+        return [(self.W_enc, 1), (self.W_dec, 0)] + [(getattr(self, n), 0) for n in self.enc_biases]
+
+    @torch.no_grad()
+    def project_grads(self) -> None:
+        """Remove from each decoder row's gradient its component along the row (which the renorm would undo)."""
+        if self.unit_norm and self.W_dec.grad is not None:
+            g, W = self.W_dec.grad, self.W_dec
+            g.addcmul_(torch.linalg.vecdot(g, W).unsqueeze(1), W, value=-1)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def after_step(self, extra: dict[str, torch.Tensor], world_size: int) -> None:
+        """Update non-gradient state from the (all-ranks summed) extras of the step's LossOut."""
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
+        """Anthropic 2023 (standards.md 4.3): each dead latent gets an input sampled with probability ∝ loss^2 as
+        its decoder row (unit norm) and encoder row (scaled to 0.2 x the mean alive encoder norm), a zero bias,
+        and fresh Adam moments. Returns how many latents were resampled."""
+        idx = dead.nonzero().squeeze(1)
+        if idx.numel() == 0 or idx.numel() == self.d_sae:
+            return 0
+        xs = x * self.input_scale
+        loss = (self.encode(xs) @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        p = loss.pow(2) if loss.pow(2).sum() > 0 else torch.ones_like(loss)
+        pick = torch.multinomial(p, idx.numel(), replacement=idx.numel() > p.numel())
+        v = xs[pick] / xs[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive_norm = self.W_enc[:, ~dead].norm(dim=0).mean()
+        self.W_dec[idx] = v * (self.W_dec[~dead].norm(dim=1).mean() if not self.unit_norm else 1.0)
+        self.W_enc[:, idx] = v.t() * 0.2 * alive_norm
+        for name in self.enc_biases:
+            getattr(self, name)[idx] = 0.0
+        for p_, dim in self.latent_params():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in optimizer.state.get(p_, {}):
+                    optimizer.state[p_][moment].index_fill_(dim, idx, 0.0)
+        return idx.numel()
+
+    def inference_tensors(self) -> dict[str, torch.Tensor]:
+        """The inference SAE's tensors in the scaled units (x - b_dec applied to the input)."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    @torch.no_grad()
+    def to_inference(self, **meta) -> SAE:
+        """The inference SAE reading unscaled activations: latents and biases divided by the input scale c
+        (pre(c x)/c = pre'(x)), so decoder rows keep their trained norms."""
+        c = self.input_scale.item()
+        tensors = {k: v.detach().clone() for k, v in self.inference_tensors().items()}
+        for name in tensors:
+            if name not in ("W_enc", "W_dec", "r_mag"):
+                tensors[name] = tensors[name] / c
+        training = {**dataclasses.asdict(self.cfg), **meta.pop("training", {})}
+        k = self.cfg.k if self.inference_arch == "topk" else None
+        cfg = SAEConfig(self.inference_arch, self.d_in, self.d_sae, k=k, training=training, **meta)
+        sae = SAE(cfg).to(self.W_dec.device)
+        sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
+        return sae
+
+
+class StandardSAE(TrainingSAE):
+    """ReLU + L1 (Anthropic 2023): f = relu((x - b_dec) W_enc + b_enc), L = |x - x_hat|^2 + λ |f|_1, with a
+    unit-norm decoder (so the L1 cannot be dodged by shrinking f and growing W_dec) and dead-latent resampling."""
+
+    defaults = {"sparsity_coeff": 5.0, "resample": True, "grad_clip": 0.0, "beta1": 0.9, "normalize": True}
+
+    def encode(self, xs):
+        return F.relu(self.pre(xs))
+
+    def penalty(self, f: torch.Tensor) -> torch.Tensor:
+        return f.sum(-1)
+
+    def loss(self, x, dead, coeff):
+        xs = x * self.input_scale
+        f = self.encode(xs)
+        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        sparsity = self.penalty(f)
+        loss = (err + coeff * self.cfg.sparsity_coeff * sparsity).mean()
+        return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
+
+
+class AprilSAE(StandardSAE):
+    """Anthropic April 2024: the encoder reads x itself (no b_dec shift), the L1 is weighted by decoder-row norms
+    (Σ_i f_i |W_dec[i]|) instead of a unit-norm constraint; decoder rows start at norm 0.1; gradients clipped at 1."""
+
+    unit_norm = False
+    decoder_init_norm = 0.1
+    defaults = {"sparsity_coeff": 5.0, "resample": False, "grad_clip": 1.0, "beta1": 0.9, "normalize": True}
+
+    def pre(self, xs):
+        return xs @ self.W_enc + self.b_enc
+
+    def penalty(self, f):
+        return f @ self.W_dec.norm(dim=1)
+
+    def inference_tensors(self):  # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        return {**super().inference_tensors(), "b_enc": self.b_enc + self.b_dec @ self.W_enc}
+
+
+class TopKSAE(TrainingSAE):
+    """OpenAI TopK: f = relu(topk_k((x - b_dec) W_enc + b_enc)), L = |x - x_hat|^2 / mse_scale + α AuxK, where
+    AuxK = |e - e_hat|^2 / |e - mean e|^2 makes the k_aux most active dead latents reconstruct the residual
+    e = x - x_hat (e_hat = their decode, no bias). The decode and all gradients are sparse (nanosae.sparse).
+    Matryoshka: L averages |x - x_hat_g|^2 over the reconstructions x_hat_g from each nested prefix of latents."""
+
+    inference_arch = "topk"
+    defaults = {"resample": False, "grad_clip": 0.0, "beta1": 0.9, "sparsity_coeff": 0.0, "normalize": False}
+
+    def encode(self, xs):
+        vals, idx = self.pre(xs).topk(self.cfg.k, dim=-1)
+        return torch.zeros(xs.shape[0], self.d_sae, device=xs.device).scatter_(-1, idx, F.relu(vals))
+
+    def select(self, xc: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
+        """(codes, pre-activation values, aux codes, aux values) of centred inputs xc = x - b_dec."""
+        vals, idx, aux_vals, aux_idx = sparse.topk_select(
+            xc, self.W_enc.detach(), self.b_enc.detach(), self.cfg.k, dead_idx, k_aux
+        )
+        aux = (sparse.topk_codes(aux_idx), aux_vals.reshape(-1)) if k_aux else (None, None)
+        return (sparse.topk_codes(idx), vals.reshape(-1), *aux)
+
+    def decodes(self, codes: sparse.Codes, vals: torch.Tensor) -> list[torch.Tensor]:
+        """x_hat - b_dec from each nested prefix of latents (just the full one without matryoshka)."""
+        if not self.cfg.matryoshka:
+            return [sparse.decode(codes, vals, self.W_dec)]
+        bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
+        group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
+        out, partial = [], 0
+        for g in range(len(self.cfg.matryoshka) + 1):
+            keep = group == g
+            partial = partial + sparse.decode(codes.subset(keep), vals[keep], self.W_dec)
+            out.append(partial)
+        return out
+
+    def loss(self, x, dead, coeff):
+        target = x * self.input_scale - self.b_dec  # x - x_hat = target - decode: b_dec gets its gradient here
+        xc = target.detach()
+        dead_idx = dead.nonzero().squeeze(1)
+        k_aux = min(self.cfg.k_aux, dead_idx.numel())
+        codes, pre_vals, aux_codes, aux_pre = self.select(xc, dead_idx, k_aux)
+        vals = F.relu(sparse.gather(xc, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
+        decoded = self.decodes(codes, vals)
+        sses = [F.mse_loss(d, target, reduction="sum") for d in decoded]
+        loss = sum(sses) / (len(sses) * len(x) * self.mse_scale)
+        aux = x.new_zeros(())
+        if k_aux:
+            e = (target - decoded[-1]).detach()
+            aux_vals = F.relu(sparse.gather(xc, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre))
+            e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec)
+            # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
+            m = self.world_sum(torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])]))
+            var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
+            aux = (e - e_hat).pow(2).sum() / var * (m[-1] / len(e))
+            loss = loss + self.cfg.aux_coeff * aux
+        fired = torch.zeros(self.d_sae, device=x.device).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
+        return self._out(loss, sses[-1], fired, aux, **self._extra(vals))
+
+    def _extra(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK: keep the B*k largest relu(pre) of the whole batch (k per token on average). Inference uses a
+    threshold θ instead, the EMA of the smallest kept value per batch, so it is saved as a JumpReLU SAE."""
+
+    inference_arch = "jumprelu"
+
+    def __init__(self, cfg, d_in):
+        super().__init__(cfg, d_in)
+        self.register_buffer("threshold", torch.tensor(0.0))
+        self.register_buffer("threshold_updates", torch.tensor(0))
+
+    def encode(self, xs):
+        pre = F.relu(self.pre(xs))
+        flat = pre.flatten()
+        keep = torch.zeros_like(flat).scatter_(0, flat.topk(min(self.cfg.k * xs.shape[0], flat.numel())).indices, 1)
+        return pre * keep.view_as(pre)
+
+    def select(self, xc, dead_idx, k_aux):
+        pre = torch.addmm(self.b_enc.detach(), xc, self.W_enc.detach())
+        top = pre.flatten().topk(self.cfg.k * xc.shape[0], sorted=False)
+        positive = top.values > 0
+        codes, order = sparse.flat_codes(top.indices[positive], xc.shape[0], self.d_sae)
+        pre_vals = top.values[positive][order]
+        if not k_aux:
+            return codes, pre_vals, None, None
+        aux_vals, i = pre.index_select(1, dead_idx).topk(k_aux, dim=-1)
+        return codes, pre_vals, sparse.topk_codes(dead_idx[i]), aux_vals.reshape(-1)
+
+    def _extra(self, vals):
+        kept = vals[vals > 0]
+        smallest = kept.min() if kept.numel() else vals.new_zeros(())
+        return {"min_kept": smallest.detach()}
+
+    @torch.no_grad()
+    def after_step(self, extra, world_size):
+        batch_min = extra["min_kept"].float() / world_size  # mean over ranks of each rank's smallest kept value
+        # a plain running mean until it would move slower than the EMA, so the start does not linger
+        self.threshold_updates += 1
+        self.threshold.lerp_(batch_min, max(self.cfg.threshold_rate, 1 / self.threshold_updates.item()))
+
+    def inference_tensors(self):
+        return {**super().inference_tensors(), "threshold": self.threshold.clamp_min(0).expand(self.d_sae)}
+
+
+class GatedSAE(TrainingSAE):
+    """Gated (Rajamanoharan et al. 2024): π_gate = (x - b_dec) W_enc + b_gate decides which latents fire,
+    π_mag = (x - b_dec)(W_enc ⊙ exp(r_mag)) + b_mag how strongly: f = 1[π_gate > 0] relu(π_mag).
+    L = |x - x_hat|^2 + λ |relu(π_gate)|_1 + |x - (relu(π_gate) W_dec.detach() + b_dec.detach())|^2; the last
+    (auxiliary) term reconstructs through the gate with a frozen decoder so the gate path gets a gradient."""
+
+    inference_arch = "gated"
+    enc_biases = ("b_gate", "b_mag", "r_mag")
+    defaults = {"sparsity_coeff": 5.0, "resample": True, "grad_clip": 0.0, "beta1": 0.9, "normalize": True}
+
+    def _paths(self, xs):
+        z = (xs - self.b_dec) @ self.W_enc
+        return z + self.b_gate, z * self.r_mag.exp() + self.b_mag
+
+    def encode(self, xs):
+        gate, mag = self._paths(xs)
+        return (gate > 0) * F.relu(mag)
+
+    def loss(self, x, dead, coeff):
+        xs = x * self.input_scale
+        gate, mag = self._paths(xs)
+        f = (gate > 0) * F.relu(mag)
+        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        gate_act = F.relu(gate)
+        sparsity = gate_act.sum(-1)
+        aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - xs).pow(2).sum(-1)
+        loss = (err + coeff * self.cfg.sparsity_coeff * sparsity + aux).mean()
+        return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
+
+    def inference_tensors(self):
+        return {
+            "W_enc": self.W_enc,
+            "b_gate": self.b_gate,
+            "b_mag": self.b_mag,
+            "r_mag": self.r_mag,
+            "W_dec": self.W_dec,
+            "b_dec": self.b_dec,
+        }
+
+
+def _kernel(z, threshold, bandwidth):  # K((z - θ)/ε) with K(u) = 1[|u| < 1/2]
+    return ((z - threshold).abs() < bandwidth / 2).to(z.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * H(z - θ); d/dz = H(z - θ), d/dθ = -(θ/ε) K((z - θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, threshold = ctx.saved_tensors
+        d_threshold = -(threshold / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
+        return g * (z > threshold), d_threshold.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - θ); d/dz = 0, d/dθ = -(1/ε) K((z - θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, threshold = ctx.saved_tensors
+        d_threshold = -(1 / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
+        return None, d_threshold.sum(0), None
+
+
+class JumpReLUSAE(TrainingSAE):
+    """JumpReLU (Rajamanoharan et al. 2024): f = z H(z - θ) with z = (x - b_dec) W_enc + b_enc and a learned
+    threshold θ per latent (kept >= 0); L = |x - x_hat|^2 + λ |f|_0. H has no gradient, so both terms reach θ
+    through straight-through estimators with a rectangle kernel of bandwidth ε (_JumpReLU, _Step)."""
+
+    inference_arch = "jumprelu"
+    defaults = {"sparsity_coeff": 1.0, "resample": True, "grad_clip": 0.0, "beta1": 0.0, "normalize": True}
+
+    def __init__(self, cfg, d_in):
+        super().__init__(cfg, d_in)
+        self.threshold = nn.Parameter(torch.full((self.d_sae,), self.cfg.init_threshold))
+
+    def latent_params(self):
+        return super().latent_params() + [(self.threshold, 0)]
+
+    def encode(self, xs):
+        z = self.pre(xs)
+        return z * (z > self.threshold)
+
+    @torch.no_grad()
+    def after_step(self, extra, world_size):
+        self.threshold.clamp_(min=0.0)
+
+    def loss(self, x, dead, coeff):
+        xs = x * self.input_scale
+        z = self.pre(xs)
+        f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)
+        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        l0 = _Step.apply(z, self.threshold, self.cfg.bandwidth).sum(-1)
+        loss = (err + coeff * self.cfg.sparsity_coeff * l0).mean()
+        return self._out(loss, err.sum(), (f > 0).sum(0), l0.mean())
+
+    def inference_tensors(self):
+        return {**super().inference_tensors(), "threshold": self.threshold}
+
+
+TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
+    "standard": StandardSAE,
+    "april": AprilSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "gated": GatedSAE,
+    "jumprelu": JumpReLUSAE,
+}
+
+
+def training_sae(cfg: SAETrainConfig, d_in: int) -> TrainingSAE:
+    """A freshly initialised training SAE (draws from torch's global RNG: seed it first)."""
+    if cfg.arch not in TRAINING_CLASSES:
+        raise NanosaeError(f"unknown training architecture {cfg.arch!r}; choose one of {', '.join(TRAINING_CLASSES)}")
+    return TRAINING_CLASSES[cfg.arch](cfg, d_in)

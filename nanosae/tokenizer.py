@@ -58,20 +58,31 @@ def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
     except FileNotFoundError:
         raise NanosaeError(f"{path}: tokenizer file not found (expected <base_dir>/tokenizer/tokenizer.pkl)") from None
     except Exception as e:  # any malformed or hostile pickle
-        raise NanosaeError(f"{path}: not a nanochat tokenizer pickle ({e})") from None
+        raise NanosaeError(f"{path}: not a nanochat tokenizer pickle ({' '.join(str(e).split())[:200]})") from None
     state = getattr(obj, "state", None)
     keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
     ok = (
         isinstance(obj, _EncodingState)
         and isinstance(state, dict)
         and set(state) == keys
+        and isinstance(state["name"], str)
         and isinstance(state["pat_str"], str)
-        and all(isinstance(k, bytes) and isinstance(v, int) for k, v in state["mergeable_ranks"].items())
-        and all(isinstance(k, str) and isinstance(v, int) for k, v in state["special_tokens"].items())
+        and isinstance(state["mergeable_ranks"], dict)
+        and isinstance(state["special_tokens"], dict)
+        and all(type(k) is bytes and type(v) is int for k, v in state["mergeable_ranks"].items())
+        and all(type(k) is str and type(v) is int for k, v in state["special_tokens"].items())
     )
     if not ok:
         raise NanosaeError(f"{path}: pickle does not hold a tiktoken Encoding state (name, pat_str, ranks, specials)")
-    return tiktoken.Encoding(**state)
+    missing = [t for t in SPECIAL_TOKENS if t not in state["special_tokens"]]
+    if missing:
+        raise NanosaeError(f"{path}: lacks nanochat's special tokens {missing}; is this a nanochat tokenizer?")
+    try:
+        return tiktoken.Encoding(**state)
+    except Exception as e:  # e.g. an invalid split regex or empty ranks
+        raise NanosaeError(
+            f"{path}: tiktoken rejects the encoding it holds ({' '.join(str(e).split())[:200]})"
+        ) from None
 
 
 class Tokenizer:
@@ -79,9 +90,6 @@ class Tokenizer:
 
     def __init__(self, enc: tiktoken.Encoding):
         self.enc = enc
-        missing = [t for t in SPECIAL_TOKENS if t not in enc._special_tokens]
-        if missing:
-            raise NanosaeError(f"tokenizer lacks nanochat special tokens {missing}")
         self.bos_token_id = self.encode_special("<|bos|>")
 
     @classmethod

@@ -1,0 +1,623 @@
+"""The SAE training loop: one activation stream feeds several SAEs; Adam with LR warm-up and a final linear
+decay; sparsity warm-up; dead-latent bookkeeping (AuxK / resampling read it); JSON-lines metrics; checkpoints
+that resume bitwise; Ctrl-C and NaN/Inf handling; data-parallel training under torchrun.
+
+One step, for every SAE: loss on this rank's share of the batch -> backward -> (several ranks: all-reduce the
+gradients and the step's statistics) -> project decoder gradients -> clip -> Adam -> renormalise the decoder ->
+update dead counters, firing density, thresholds -> maybe resample, log, checkpoint, evaluate.
+
+An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
+site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
+(nanosae.activations.model_stream / cache_stream, or TensorStream below for activations already in memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .errors import NanosaeError
+from .fileio import atomic_write, atomic_write_text
+from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# settings a resumed run may change; everything else must match the checkpoint (or the result would differ)
+RESUMABLE = ("log_every", "checkpoint_every", "eval_every", "out", "device")
+
+
+@dataclass
+class TrainConfig:
+    """One run: the SAEs to train (one recipe each), the data, the schedule and the bookkeeping."""
+
+    saes: list[SAETrainConfig] = field(default_factory=lambda: [SAETrainConfig()])
+    tokens: int = 2_000_000  # training tokens (steps = tokens // batch_size)
+    batch_size: int = 4096  # global batch, split evenly across ranks
+    lr_warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
+    lr_decay_frac: float = 0.2  # the LR decays linearly to 0 over this last fraction of the steps
+    sparsity_warmup_frac: float = 0.05  # λ ramps linearly from 0 over this first fraction
+    dead_tokens: int | None = None  # dead = not fired for this many tokens; None: min(10M, tokens / 10)
+    density_tokens: int = 1_000_000  # time constant (tokens) of the firing-density average saved as sparsity
+    seed: int = 0
+    log_every: int = 20  # steps between metrics lines
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between calls of eval_fn (0: only at the end)
+    out: str = "sae"
+    device: str = "cpu"
+    # where the activations come from (recorded so that --resume can rebuild the stream)
+    model: str = ""
+    model_step: int | None = None
+    phase: str | None = None
+    tokenizer: str | None = None
+    generation: str | None = None
+    site: str = ""
+    data: str | None = None
+    seq_len: int | None = None
+    activations: str = ""
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        d["saes"] = [SAETrainConfig(**{**s, "matryoshka": tuple(s.get("matryoshka", ()))}) for s in d["saes"]]
+        return cls(**d)
+
+
+class TensorStream:
+    """An activation stream over a tensor in memory (n, d_in): seeded shuffled epochs (the tail that does not
+    fill a batch is skipped); rank r gets rows [r*b, (r+1)*b) of each global batch (b = batch_size // world)."""
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+        site: str = "",
+        model_name: str = "",
+        context_size: int = 0,
+        dataset: str = "",
+    ):
+        if batch_size % world_size:
+            raise NanosaeError(f"batch size {batch_size} does not split over {world_size} ranks; use a multiple")
+        if data.ndim != 2 or data.shape[0] < batch_size:
+            raise NanosaeError(f"need a (n >= {batch_size}, d_in) tensor of activations, got {tuple(data.shape)}")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.local = rank, batch_size // world_size
+        self.d_in, self.site, self.model_name, self.context_size, self.dataset = (
+            data.shape[1],
+            site,
+            model_name,
+            context_size,
+            dataset,
+        )
+        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
+        self._perm = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def __iter__(self) -> TensorStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n = self.data.shape[0]
+        if self.pos + self.batch_size > n:
+            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        start = self.pos + self.rank * self.local
+        self.pos += self.batch_size
+        return self.data[self._perm[start : start + self.local]].float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed helpers (no-ops on one process)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """DDP's gradient averaging, in one flat buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = torch.empty_like(p).copy_(g.view_as(p))  # in the parameter's own memory layout
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _broadcast(module: torch.nn.Module) -> None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, 0)
+
+
+def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows, in rank order (the global batch), on every rank."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedules
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last decay_frac of steps."""
+    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    decay = int(steps * decay_frac)
+    if decay > 0 and step >= steps - decay:
+        f *= (steps - step) / decay
+    return f
+
+
+def _warmup_steps(cfg: TrainConfig) -> int:
+    return cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, cfg.steps // 20)
+
+
+def _dead_tokens(cfg: TrainConfig) -> int:
+    return cfg.dead_tokens if cfg.dead_tokens is not None else max(cfg.batch_size, min(10_000_000, cfg.tokens // 10))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer: every SAE of a run and everything a step changes
+
+
+class NonFiniteLoss(NanosaeError):
+    """A loss became NaN or Inf; train() adds where the last good checkpoint is."""
+
+
+class _Run:
+    """One SAE with its optimizer and bookkeeping (all of it saved in checkpoints)."""
+
+    def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int):
+        self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
+        c = sae.cfg
+        fused = {"fused": True} if sae.W_dec.device.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **fused)
+        dev = sae.W_dec.device
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired
+        self.density = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)  # EMA of the firing frequency
+        self.sums: dict[str, float] = {}  # metrics summed since the last log line
+        self.last: dict[str, float] = {}  # the last logged means
+
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.since_fired >= self.dead_tokens
+
+    def state_dict(self) -> dict:
+        return {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "since_fired": self.since_fired,
+            "density": self.density,
+            "sums": dict(self.sums),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sae.load_state_dict(d["sae"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.since_fired.copy_(d["since_fired"])
+        self.density.copy_(d["density"])
+        self.sums = dict(d["sums"])
+
+    @torch.no_grad()
+    def update(self, r: dict, lr_factor: float, n: float, var: float, world: int) -> None:
+        """Everything after the gradients are in: project, clip, Adam, renormalise, counters (n tokens in the
+        global batch, var = their summed squared distance to the batch mean, for the FVU)."""
+        sae, c = self.sae, self.sae.cfg
+        for p in sae.parameters():  # fused Adam (torch 2.13, CPU) silently misreads a grad laid out unlike its param
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(p.grad)
+        sae.project_grads()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = c.lr * lr_factor
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.after_step(r["extra"], world)
+        self.since_fired += int(n)
+        self.since_fired[r["fired"] > 0] = 0
+        rate = min(1.0, n / self.density_tokens)
+        self.density.mul_(1 - rate).add_(r["fired"].to(self.density) / n, alpha=rate)
+        for k, v in (
+            ("loss", r["loss"] / world),
+            ("sse", r["sse"]),
+            ("l0", r["fired"].sum().item()),
+            ("aux", r["aux"] / world),
+            ("tokens", n),
+            ("var", var),
+            ("steps", 1),
+        ):
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def flush(self) -> dict[str, float]:
+        """Means since the last flush (FVU over all tokens of the interval) and the dead fraction now."""
+        s, self.sums = self.sums, {}
+        self.last = {
+            "loss": s["loss"] / s["steps"],
+            "fvu": s["sse"] / max(s["var"], 1e-30),
+            "l0": s["l0"] / s["tokens"],
+            "aux": s["aux"] / s["steps"],
+            "dead_frac": self.dead.double().mean().item(),
+        }
+        return self.last
+
+
+def _pack(outs, x: torch.Tensor, stop: bool) -> torch.Tensor:
+    """The step's statistics of every SAE in one float64 vector (one all-reduce sums them over ranks)."""
+    # sums of x and |x|^2 give the variance of the global batch once summed over ranks
+    parts = [torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)]
+    parts += [x.sum(0).double(), torch.dot(x.view(-1), x.view(-1)).double().reshape(1)]
+    for o in outs:
+        scalars = [o.loss.detach(), o.sse, o.aux, *o.extra.values()]
+        parts += [torch.stack([s.double().reshape(()) for s in scalars]), o.fired.double()]
+    return torch.cat(parts)
+
+
+def _unpack(stats: torch.Tensor, outs, d_in: int) -> tuple[bool, float, float, list[dict]]:
+    stop, n = stats[0].item() > 0, stats[1].item()
+    var = stats[2 + d_in].item() - stats[2 : 2 + d_in].pow(2).sum().item() / n
+    i, res = 3 + d_in, []
+    for o in outs:
+        m, f = 3 + len(o.extra), o.fired.numel()
+        s, fired = stats[i : i + m], stats[i + m : i + m + f]
+        res.append(
+            {
+                "loss": s[0].item(),
+                "sse": s[1].item(),
+                "aux": s[2].item(),
+                "fired": fired,
+                "extra": dict(zip(o.extra, s[3:])),
+            }
+        )
+        i += m + f
+    return stop, n, var, res
+
+
+class Trainer:
+    """The SAEs of a run with their optimizers and counters. `step(x)` trains them all on one batch (this rank's
+    share of it); `state_dict()` is what a checkpoint holds. Draws its initial weights from cfg.seed."""
+
+    def __init__(self, cfg: TrainConfig, d_in: int):
+        self.cfg, self.d_in = cfg, d_in
+        self.rank, self.world = dist_info()
+        if cfg.steps < 1:
+            raise NanosaeError(
+                f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}; train on more tokens"
+            )
+        if cfg.batch_size % self.world:
+            raise NanosaeError(f"batch size {cfg.batch_size} does not split over {self.world} ranks; use a multiple")
+        torch.manual_seed(cfg.seed)
+        self.dead_tokens = _dead_tokens(cfg)
+        device = torch.device(cfg.device)
+        self.runs = [_Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens) for s in cfg.saes]
+        if self.world > 1:
+            for run in self.runs:
+                run.sae.world_sum = _all_reduce_sum
+        names = [run.sae.cfg.name for run in self.runs]
+        if len(set(names)) != len(names):
+            raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
+        self.step_count = 0
+        self.lr_factor = 0.0
+        self._warmup = _warmup_steps(cfg)
+        self._sparsity_warmup = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
+        self._resample_at = {cfg.steps * j // 5 for j in range(1, 5)}
+
+    def init(self, x: torch.Tensor) -> None:
+        """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's x belongs to."""
+        sample = _gather_rows(x, self.world)
+        for run in self.runs:
+            run.sae.init_from_sample(sample)
+            run.sae.normalize_decoder()
+            if self.world > 1:
+                _broadcast(run.sae)
+
+    def step(self, x: torch.Tensor, stop: bool = False) -> bool:
+        """One optimisation step of every SAE on x; returns whether any rank asked to stop (after this step)."""
+        step, cfg = self.step_count, self.cfg
+        self.lr_factor = lr_factor(step, cfg.steps, self._warmup, cfg.lr_decay_frac)
+        coeff = min(1.0, (step + 1) / self._sparsity_warmup)
+        outs = []
+        for run in self.runs:
+            o = run.sae.loss(x, run.dead, coeff)
+            o.loss.backward()
+            outs.append(o)
+        stats = _pack(outs, x, stop)
+        if self.world > 1:
+            dist.all_reduce(stats)
+            for run in self.runs:
+                _all_reduce_grads(list(run.sae.parameters()), self.world)
+        stop, n, var, results = _unpack(stats, outs, self.d_in)
+        for run, r in zip(self.runs, results):
+            if not math.isfinite(r["loss"]):
+                raise NonFiniteLoss(f"step {step}: the loss of {run.sae.cfg.name} is {r['loss']}; stopped.")
+        for run, r in zip(self.runs, results):
+            run.update(r, self.lr_factor, n, var, self.world)
+            if step + 1 in self._resample_at and run.sae.cfg.resample:
+                self._resample(run, x)
+        self.step_count += 1
+        return stop
+
+    def _resample(self, run: _Run, x: torch.Tensor) -> None:
+        dead = run.dead
+        if run.sae.resample(dead, x, run.opt):
+            run.since_fired[dead] = 0
+            if self.world > 1:
+                _broadcast(run.sae)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "saes": [r.state_dict() for r in self.runs], "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, d: dict) -> None:
+        for run, state in zip(self.runs, d["saes"]):
+            run.load_state_dict(state)
+        torch.set_rng_state(d["rng"])
+        self.step_count = d["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def read_checkpoint(out: str | Path) -> dict:
+    """The checkpoint of a run folder: config, step, SAE and Adam states, counters, RNG, stream positions."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        raise NanosaeError(f"{path}: no checkpoint to resume from; start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise NanosaeError(f"{path}: unreadable checkpoint ({e}); delete it and start again without --resume") from None
+
+
+def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
+    saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
+    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in RESUMABLE}
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise NanosaeError(f"--resume with different settings ({', '.join(changed)}); resume with the saved ones")
+    if len(ckpt["streams"]) != world:
+        raise NanosaeError(
+            f"the checkpoint was written by {len(ckpt['streams'])} ranks; resume with as many, not {world}"
+        )
+
+
+def _save_checkpoint(out: Path, trainer: Trainer, stream) -> None:
+    streams = [stream.state()]
+    if trainer.world > 1:
+        streams = [None] * trainer.world
+        dist.all_gather_object(streams, stream.state())
+    if trainer.rank == 0:
+        state = {
+            "version": 1,
+            "config": json.loads(json.dumps(trainer.cfg.to_dict())),
+            "streams": streams,
+            **trainer.state_dict(),
+        }
+        atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks between steps (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self.saved = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: TrainConfig,
+    stream_fn: Callable[[dict | None], object],
+    eval_fn: Callable[[SAE], dict] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[SAE]:
+    """Train every SAE of `cfg` on the stream that stream_fn(state) builds (state: None, or the saved position
+    when resuming) and save them as SAELens folders: cfg.out itself for one SAE, cfg.out/<name> for several.
+    eval_fn(sae) runs on the inference SAE every eval_every steps and at the end; its dict is logged."""
+    out = Path(cfg.out)
+    rank, world = dist_info()
+    ckpt = read_checkpoint(out) if resume else None
+    if ckpt is not None:
+        _check_resume(cfg, ckpt, world)
+    elif (out / CHECKPOINT).exists():
+        raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
+    stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
+    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
+        raise NanosaeError(
+            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
+            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
+        )
+    trainer = Trainer(cfg, stream.d_in)
+    first = None
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if rank == 0:
+            _truncate_metrics(out / METRICS, trainer.step_count)
+    else:
+        first = _next_batch(stream, cfg, world)
+        trainer.init(first)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = open(out / METRICS, "a") if rank == 0 else None
+    meta = _meta(stream, cfg)
+    steps = cfg.steps
+    bar = tqdm(
+        total=steps, initial=trainer.step_count, disable=not progress or rank != 0, unit="step", dynamic_ncols=True
+    )
+    t0, tokens = time.perf_counter(), 0
+    try:
+        with _StopRequest() as stop_request:
+            while trainer.step_count < steps:
+                x = first if first is not None else _next_batch(stream, cfg, world)
+                first = None
+                try:
+                    stop = trainer.step(x, stop_request.requested)
+                except NonFiniteLoss as e:
+                    raise NanosaeError(
+                        f"{e} {_last_good(out)} Lower the LR or check the activations, then --resume"
+                    ) from None
+                done, tokens = trainer.step_count, tokens + cfg.batch_size
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == steps:
+                    _log(trainer, tokens / (time.perf_counter() - t0), log, bar)
+                if stop:
+                    _save_checkpoint(out, trainer, stream)
+                    if rank == 0:
+                        bar.close()
+                        print(
+                            f"interrupted after step {done}/{steps}; checkpoint saved in {out / CHECKPOINT}; "
+                            "continue with --resume"
+                        )
+                    raise KeyboardInterrupt
+                if eval_fn is not None and rank == 0 and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+                    _evaluate(trainer, eval_fn, meta, log)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                    _save_checkpoint(out, trainer, stream)
+        _save_checkpoint(out, trainer, stream)
+        saes = [run.sae.to_inference(**meta) for run in trainer.runs]
+        if rank == 0:
+            if eval_fn is not None:
+                _evaluate(trainer, eval_fn, meta, log)
+            for run, sae in zip(trainer.runs, saes):
+                sae.save(out if len(saes) == 1 else out / run.sae.cfg.name, sparsity=(run.density + 1e-10).log10())
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if rank == 0:
+        _summary(trainer, out, time.perf_counter() - t0, tokens)
+    return saes
+
+
+def _next_batch(stream, cfg: TrainConfig, world: int) -> torch.Tensor:
+    x = next(stream)
+    if x.ndim != 2 or x.shape[0] != cfg.batch_size // world or x.shape[1] != stream.d_in:
+        raise NanosaeError(
+            f"the activation stream gave a batch of shape {tuple(x.shape)}, expected "
+            f"({cfg.batch_size // world}, {stream.d_in}); build it with batch_size={cfg.batch_size}"
+        )
+    return x.to(device=cfg.device, dtype=torch.float32)
+
+
+def _meta(stream, cfg: TrainConfig) -> dict:
+    """The inference config fields that come from the data (and the run settings, for the record)."""
+    run = {k: v for k, v in cfg.to_dict().items() if k != "saes"}
+    return {
+        "hook_name": getattr(stream, "site", "") or "",
+        "model_name": getattr(stream, "model_name", "") or "",
+        "context_size": getattr(stream, "context_size", 0) or 0,
+        "dataset_path": str(getattr(stream, "dataset", "") or ""),
+        "training": {"run": run},
+    }
+
+
+def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
+    parts, lr = [], 0.0
+    for run in trainer.runs:
+        m = run.flush()
+        lr = run.sae.cfg.lr * trainer.lr_factor
+        line = {
+            "step": trainer.step_count,
+            "tokens": trainer.step_count * trainer.cfg.batch_size,
+            "sae": run.sae.cfg.name,
+            **m,
+            "lr": lr,
+            "tok_s": tok_s,
+        }
+        if log is not None:
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+        parts.append(f"fvu {m['fvu']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_frac']:.1f}%")
+    if len(parts) > 1:
+        parts = [f"[{i}] {p}" for i, p in enumerate(parts[:3])]
+    bar.set_postfix_str(" | ".join(parts) + f" lr {lr:.1e}", refresh=False)
+
+
+def _evaluate(trainer: Trainer, eval_fn, meta: dict, log) -> None:
+    for run in trainer.runs:
+        result = eval_fn(run.sae.to_inference(**meta))
+        line = {"step": trainer.step_count, "sae": run.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+
+
+def _last_good(out: Path) -> str:
+    if (out / CHECKPOINT).is_file():
+        return f"The last good checkpoint (step {read_checkpoint(out)['step']}) is kept in {out / CHECKPOINT}."
+    return "No checkpoint was written yet."
+
+
+def _summary(trainer: Trainer, out: Path, seconds: float, tokens: int) -> None:
+    runs = trainer.runs
+    print(
+        f"\ntrained {len(runs)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+    )
+    print(f"{'sae':36s} {'d_sae':>7s} {'FVU':>7s} {'L0':>7s} {'dead %':>7s}  folder")
+    for run in runs:
+        m, c = run.last, run.sae.cfg
+        folder = out if len(runs) == 1 else out / c.name
+        fvu, l0, dead = (m.get(k, math.nan) for k in ("fvu", "l0", "dead_frac"))
+        print(f"{c.name:36s} {c.d_sae:7d} {fvu:7.4f} {l0:7.1f} {100 * dead:7.2f}  {folder}")
+    print(f"metrics: {out / METRICS}   checkpoint: {out / CHECKPOINT}")

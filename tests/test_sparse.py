@@ -1,0 +1,123 @@
+"""The TopK-family sparse path: selection, decode and every gradient against the dense computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanosae import sparse
+from nanosae.sae import SAETrainConfig, training_sae
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # tiny shapes: threads only add contention on the shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params(d=12, n_lat=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    return mk(d, n_lat), mk(n_lat), mk(d), mk(n_lat, d)
+
+
+def test_topk_select_matches_torch_topk_in_every_block():
+    x, W, b = torch.randn(50, 8), torch.randn(8, 40), torch.randn(40)
+    dead = torch.tensor([3, 7, 11, 20, 39])
+    vals, idx, aux_vals, aux_idx = sparse.topk_select(x, W, b, 5, dead, 3, block=16)
+    pre = x @ W + b
+    ref = pre.topk(5, dim=-1)
+    assert torch.equal(vals.sort(-1).values, ref.values.sort(-1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+    aux_ref = pre[:, dead].topk(3, dim=-1)
+    assert torch.allclose(aux_vals.sort(-1).values, aux_ref.values.sort(-1).values)
+    assert torch.isin(aux_idx, dead).all() and torch.equal(pre.gather(1, aux_idx), aux_vals)
+
+
+def test_topk_encode_decode_and_gradients_match_dense():
+    W_enc, b_enc, b_dec, W_dec = _params()
+    x, k = torch.randn(40, 12, dtype=torch.float64), 7
+    dout = torch.randn(40, 12, dtype=torch.float64)
+
+    with torch.no_grad():
+        pre_vals, idx, _, _ = sparse.topk_select(x - b_dec, W_enc, b_enc, k, block=16)
+    codes = sparse.topk_codes(idx)
+    vals = F.relu(sparse.gather((x - b_dec).detach(), b_dec, W_enc, b_enc, codes, pre_vals.reshape(-1)))
+    out = sparse.decode(codes, vals, W_dec) + b_dec
+    grads = torch.autograd.grad(out, [W_enc, b_enc, b_dec, W_dec], dout)
+
+    pre = (x - b_dec) @ W_enc + b_enc
+    top = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, F.relu(top.values))  # the dense (batch x d_sae) codes
+    ref = z @ W_dec + b_dec
+    ref_grads = torch.autograd.grad(ref, [W_enc, b_enc, b_dec, W_dec], dout)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-10), (g - r).abs().max()
+
+
+def test_variable_bags_match_dense():
+    """BatchTopK-style codes: any number of entries per token, some none."""
+    W_enc, b_enc, b_dec, W_dec = _params(seed=1)
+    x = torch.randn(30, 12, dtype=torch.float64)
+    dout = torch.randn(30, 12, dtype=torch.float64)
+    pre = (x - b_dec) @ W_enc + b_enc
+    flat = pre.detach().flatten().topk(30 * 4).indices  # 4 per token on average, unevenly
+    codes, order = sparse.flat_codes(flat, 30, 96)
+    assert (torch.bincount(codes.rows, minlength=30) == 0).any()  # some tokens have no entry at all
+    pre_vals = pre.detach().flatten()[flat][order]
+    out = sparse.decode(codes, sparse.gather((x - b_dec).detach(), b_dec, W_enc, b_enc, codes, pre_vals), W_dec)
+    grads = torch.autograd.grad(out, [W_enc, b_enc, b_dec, W_dec], dout)
+
+    mask = torch.zeros(30 * 96, dtype=torch.float64).index_fill_(0, flat, 1).view(30, 96)
+    ref = (pre * mask) @ W_dec
+    ref_grads = torch.autograd.grad(ref, [W_enc, b_enc, b_dec, W_dec], dout)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-10)
+
+
+def test_codes_subset_keeps_token_positions():
+    codes = sparse.topk_codes(torch.tensor([[0, 5], [2, 7], [1, 6]]))
+    sub = codes.subset(codes.cols < 5)
+    assert sub.cols.tolist() == [0, 2, 1] and sub.rows.tolist() == [0, 1, 2] and sub.offsets.tolist() == [0, 1, 2]
+    empty_first = codes.subset(codes.cols >= 6)
+    assert empty_first.offsets.tolist() == [0, 0, 1] and empty_first.rows.tolist() == [1, 2]
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_topk_training_step_never_builds_a_dense_latent_matrix():
+    """Forward and backward of the TopK loss (with AuxK active): no tensor reaches batch x d_sae elements; the
+    biggest is one block of the encoder matmul. The same check on the dense reference does see it."""
+    n, d_in, d_sae = 2048, 16, 512
+    torch.manual_seed(0)
+    sae = training_sae(SAETrainConfig(arch="topk", d_sae=d_sae, k=8, k_aux=8), d_in)
+    x = torch.randn(n, d_in)
+    sae.init_from_sample(x)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[::3] = True
+    with _LargestOutput() as probe:
+        out = sae.loss(x, dead, 1.0)
+        out.loss.backward()
+    assert out.aux > 0
+    assert probe.largest <= 1024 * d_sae < n * d_sae  # one 1024-row block of pre-activations
+    with _LargestOutput() as dense:
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        top = pre.topk(8, dim=-1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        ((z @ sae.W_dec + sae.b_dec - x) ** 2).sum().backward()
+    assert dense.largest >= n * d_sae
