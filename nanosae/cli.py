@@ -424,9 +424,38 @@ def cmd_label(args) -> None:
     print(f"latent {args.index}: {'label removed' if args.clear else args.text}")
 
 
+def cmd_demo(args) -> None:
+    import dataclasses
+
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    """One flag per DemoConfig field, so the CLI and the Python config agree."""
+    import dataclasses
+
+    from .demo import DemoConfig
+
+    for f in dataclasses.fields(DemoConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true")
+        elif "tokens" in f.name:
+            p.add_argument(flag, type=_token_count, default=f.default, help=f"default {f.default:,}")
+        else:
+            kind = int if f.type in ("int", "int | None") else str
+            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanosae", description="Sparse autoencoders for nanochat models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline: tiny model (or --model) -> SAE -> eval -> dashboard -> export")
+    _demo_args(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sample", help="generate text from a nanochat checkpoint")
     _model_args(p)

@@ -69,14 +69,15 @@ class TinyConfig:
     final_lr_frac: float = 0.1
     eval_every: int = 250
     eval_tokens: int = 32768
-    tokenizer_chars: int = 50_000_000  # text fed to BPE training at most (each document capped at 10k chars)
-    max_train_tokens: int = 20_000_000  # text read for training at most; its rows are shuffled
+    tokenizer_chars: int = 20_000_000  # text fed to BPE training at most (each document capped at 10k chars)
     compute: str = "auto"  # float32 | bfloat16 (autocast) | auto: bf16 where this CPU runs it faster
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.data == "builtin":
             self.data = None
+        elif self.data is not None:  # absolute, so the cache key does not depend on the working directory
+            self.data = str(Path(self.data).expanduser().resolve())
 
     def validate(self) -> None:
         if self.head_dim % 2 or self.n_embd % self.head_dim:
@@ -214,9 +215,12 @@ def evaluate(model: GPT, rows: torch.Tensor, token_bytes: torch.Tensor, batch_si
 
 
 def load_rows(tok: Tokenizer, cfg: TinyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train rows (shuffled once by the seed) and val rows, each seq_len+1 tokens starting with BOS."""
+    """Train rows (shuffled once by the seed) and val rows, each seq_len+1 tokens starting with BOS. The train
+    rows are the whole source, or 8x what training consumes from a large one (its start, in order: sources
+    sorted by topic, like the built-in corpus, must be read whole to be shuffled well; nanochat's shards come
+    shuffled already)."""
     T = cfg.seq_len + 1
-    train = data.token_tensor(tok, cfg.data, T, "train", max_rows=cfg.max_train_tokens // T)
+    train = data.token_tensor(tok, cfg.data, T, "train", max_rows=8 * cfg.steps * cfg.batch_size)
     val = data.token_tensor(tok, cfg.data, T, "val", max_rows=max(1, cfg.eval_tokens // cfg.seq_len))
     where = cfg.data or "the built-in corpus"
     if len(train) < cfg.batch_size:
@@ -242,44 +246,55 @@ def _tokenizer_texts(cfg: TinyConfig) -> Iterator[str]:
 
 
 class SpeedProbe:
-    """Picks the fastest (threads, compute dtype) for this machine by timing real training steps, a few steps per
-    setting, then keeps it. Both choices swing a lot and cannot be known in advance (measured on a 2-core Xeon):
-    bf16 autocast runs 1.5-2x faster where the CPU has AMX and several times slower where it lacks bf16 units, and
-    on a CPU shared with other processes, OpenMP threads waiting for each other made 2 threads 3x slower than 1.
-    The first step after each switch is not counted (thread pools and caches settle)."""
+    """Picks the fastest (threads, compute dtype) for this machine by timing real training steps, then keeps it.
+    Both swing a lot and cannot be known in advance (measured on a 2-core Xeon): bf16 autocast runs 1.5-2x faster
+    where the CPU has AMX and several times slower where it lacks bf16 units, and on a CPU shared with other
+    processes, OpenMP threads waiting for each other made 2 threads 3-20x slower than 1. So: the dtypes are
+    compared on 1 thread (stable even on a busy machine), then the winner on all threads. Each setting runs a block
+    of steps whose first is not counted (thread pools and caches settle)."""
 
     def __init__(self, cfg: TinyConfig, device: str, first: int = 2, block: int = 3):
         self.n = torch.get_num_threads()
-        cpu = torch.device(device).type == "cpu"
+        self.cpu = torch.device(device).type == "cpu"
         if cfg.compute != "auto":
             dtypes = [getattr(torch, cfg.compute)]
         else:
-            dtypes = [torch.bfloat16, torch.float32] if cpu else [torch.float32]
-        threads = [self.n, 1] if cpu and self.n > 1 else [self.n]
-        self.options = [(t, d) for d in dtypes for t in threads]
-        self.times: dict[tuple, list[float]] = {o: [] for o in self.options}
+            dtypes = [torch.bfloat16, torch.float32] if self.cpu else [torch.float32]
+        self.plan = [(1, d) for d in dtypes] if self.cpu and len(dtypes) > 1 else []
+        if not self.plan and self.cpu and self.n > 1:
+            self.plan = [(1, dtypes[0]), (self.n, dtypes[0])]
+        self.times: dict[tuple, list[float]] = {}
         self.first, self.block = first, block
-        self.last = first + block * len(self.options) if len(self.options) > 1 else first
-        self.choice = self.current = self.options[0]
+        self.choice = self.current = (self.n, dtypes[0])
+
+    def _trial(self, step: int) -> int | None:
+        i = (step - self.first) // self.block
+        return i if step >= self.first and i < len(self.plan) else None
 
     def setting(self, step: int) -> torch.dtype:
         """Set the thread count for this step and return its compute dtype."""
-        probing = self.first <= step < self.last
-        self.current = self.options[(step - self.first) // self.block] if probing else self.choice
+        i = self._trial(step)
+        self.current = self.choice if i is None else self.plan[i]
         torch.set_num_threads(self.current[0])
         return self.current[1]
 
     def record(self, step: int, seconds: float) -> str | None:
         """Note a step's time; after the last trial, settle and return a line saying what was chosen."""
-        if not self.first <= step < self.last:
+        i = self._trial(step)
+        if i is None:
             return None
         if (step - self.first) % self.block:
-            self.times[self.current].append(seconds)
-        if step < self.last - 1:
+            self.times.setdefault(self.current, []).append(seconds)
+        if (step - self.first) % self.block < self.block - 1:
             return None
         med = {o: statistics.median(t) for o, t in self.times.items()}
         self.choice = min(med, key=med.get)
-        tried = ", ".join(f"{1000 * m:.0f} ms with {t} thread(s) {_name(d)}" for (t, d), m in med.items())
+        if i == len(self.plan) - 1 and self.n > 1 and (self.n, self.choice[1]) not in med:
+            self.plan.append((self.n, self.choice[1]))  # the best dtype, now on all threads
+            return None
+        if i < len(self.plan) - 1:
+            return None
+        tried = ", ".join(f"{1000 * m:.0f} ms on {t} thread(s) in {_name(d)}" for (t, d), m in med.items())
         return f"fastest: {self.choice[0]} thread(s), {_name(self.choice[1])} (a step took {tried})"
 
     def restore(self) -> None:

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import pickle
 import time
 from pathlib import Path
@@ -28,7 +29,6 @@ TINY = dict(
     eval_every=40,
     eval_tokens=4096,
     tokenizer_chars=400_000,
-    max_train_tokens=200_000,
     compute="float32",
 )
 
@@ -160,6 +160,10 @@ def test_config_hash_covers_config_and_data(tmp_path):
     assert lm_train.config_hash(TinyConfig(**TINY, data="builtin")) == a
     (tmp_path / "t.txt").write_text("some text")
     assert lm_train.config_hash(TinyConfig(**TINY, data=str(tmp_path))) != a
+    relative = os.path.relpath(tmp_path)
+    assert lm_train.config_hash(TinyConfig(**TINY, data=relative)) == lm_train.config_hash(
+        TinyConfig(**TINY, data=str(tmp_path))
+    )
 
 
 def test_killed_run_leaves_nothing_that_looks_complete(home, monkeypatch):
@@ -226,24 +230,39 @@ def test_schedule_and_orthogonalize():
     assert s_tall.min() > 0.5 and s_tall.max() < 1.3
 
 
+def run_probe(probe, fake, steps=20):
+    notes = []
+    for step in range(steps):
+        dtype = probe.setting(step)
+        assert dtype == probe.current[1] and torch.get_num_threads() == probe.current[0]
+        switched = step >= 2 and (step - 2) % 3 == 0  # the first step after a switch is slow and not counted
+        notes.append(probe.record(step, 9.0 if switched else fake.get(probe.current, 1.0)))
+    return notes
+
+
 def test_speed_probe_keeps_the_fastest_setting():
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        bf, fp = torch.bfloat16, torch.float32
+        # dtypes compared on 1 thread, then the winner on 2; a loser's 2-thread setting is never tried
+        fake = {(2, bf): 0.5, (1, bf): 0.3, (1, fp): 0.6}
         probe = lm_train.SpeedProbe(TinyConfig(compute="auto"), "cpu", first=2, block=3)
-        assert len(probe.options) == 4  # {2, 1} threads x {bf16, fp32}
-        fake = {(2, torch.bfloat16): 0.5, (1, torch.bfloat16): 0.3, (2, torch.float32): 0.9, (1, torch.float32): 0.6}
-        notes = []
-        for step in range(20):
-            dtype = probe.setting(step)
-            assert dtype == probe.current[1] and torch.get_num_threads() == probe.current[0]
-            switched = step >= 2 and (step - 2) % 3 == 0  # the step after a switch is slow and not counted
-            notes.append(probe.record(step, 9.0 if switched else fake[probe.current]))
-        assert probe.choice == (1, torch.bfloat16) and torch.get_num_threads() == 1
-        assert [x for x in notes if x] == [notes[13]] and "fastest: 1 thread(s), bfloat16" in notes[13]
+        notes = run_probe(probe, fake)
+        assert probe.choice == (1, bf) and torch.get_num_threads() == 1
+        assert set(probe.times) == set(fake) and all(len(t) == 2 for t in probe.times.values())
+        assert [x for x in notes if x] == [notes[10]] and "fastest: 1 thread(s), bfloat16" in notes[10]
         probe.restore()
         assert torch.get_num_threads() == 2
-        fixed = lm_train.SpeedProbe(TinyConfig(compute="float32"), "cpu")
-        assert {d for _, d in fixed.options} == {torch.float32}
+        fake = {(2, fp): 0.2, (1, bf): 0.7, (1, fp): 0.4}  # a quiet machine without bf16 units
+        probe = lm_train.SpeedProbe(TinyConfig(compute="auto"), "cpu")
+        run_probe(probe, fake)
+        assert probe.choice == (2, fp)
+        probe = lm_train.SpeedProbe(TinyConfig(compute="float32"), "cpu")  # fixed dtype: threads only
+        run_probe(probe, {(1, fp): 0.3, (2, fp): 0.2})
+        assert probe.choice == (2, fp) and set(probe.times) == {(1, fp), (2, fp)}
+        torch.set_num_threads(1)
+        probe = lm_train.SpeedProbe(TinyConfig(compute="float32"), "cpu")  # nothing to choose
+        assert probe.plan == [] and run_probe(probe, {(1, fp): 0.1}) == [None] * 20
     finally:
         torch.set_num_threads(n)
