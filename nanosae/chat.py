@@ -15,7 +15,8 @@ import torch
 
 from .errors import NanosaeError
 from .gpt import GPT
-from .runtime import Steer, TokenLatents, Tracker, check_steers, generate_tracked, parse_steer, sae_site
+from .hooks import sae_site
+from .runtime import Steer, TokenLatents, Tracker, check_steers, generate_tracked, parse_steer
 from .sae import SAE
 from .tokenizer import Tokenizer
 

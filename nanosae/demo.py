@@ -1,8 +1,9 @@
 """`nanosae demo`: the whole pipeline in one command, from nothing (or a nanochat checkpoint) to a dashboard.
 
 model (the cached tiny nanochat model, trained on the built-in corpus if needed, or --model) -> activations at
-the middle layer, streamed -> TopK SAE -> SAEBench core eval -> feature statistics -> HTML dashboard ->
-Neuronpedia export -> a one-screen summary. Every stage reuses its result when run again with the same settings.
+the middle layer, collected once to a checksummed cache -> TopK SAE trained over several shuffled epochs of it ->
+SAEBench core eval -> feature statistics -> HTML dashboard -> Neuronpedia export -> a one-screen summary.
+Every stage reuses its result when run again with the same settings.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ class DemoConfig:
     layer: int | None = None  # None: the middle layer (n_layer // 2)
     site: str = "resid_post"
     data: str | None = None  # None: the built-in corpus (the standard library's sources and docs)
+    collect_tokens: int = 1_000_000  # activations collected once (bf16 cache); training cycles over them
     tokens: int = 4_000_000  # SAE training tokens
     batch_size: int = 4096
     expansion: int = 16
     k: int = 32
-    eval_tokens: int = 131_072
+    eval_tokens: int = 98_304
     viz_tokens: int = 262_144
     device: str = "cpu"
     seed: int = 0
@@ -40,13 +42,13 @@ class DemoConfig:
 
 
 def _stage(n: int, text: str) -> float:
-    print(f"\n[{n}/6] {text}", flush=True)
+    print(f"\n[{n}/7] {text}", flush=True)
     return time.perf_counter()
 
 
-def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, sae_dir: Path):
-    """Train (or reuse, or resume) the demo's TopK SAE; returns the inference SAE."""
-    from .activations import model_stream
+def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, acts_dir: Path, sae_dir: Path):
+    """Train (or reuse, or resume) the demo's TopK SAE on the cache; returns the inference SAE."""
+    from .activations import cache_stream
     from .evaluate import make_train_eval
     from .sae import SAETrainConfig, load_sae
     from .train import CHECKPOINT, TrainConfig, read_checkpoint, train
@@ -61,6 +63,7 @@ def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, sae_dir:
         model=model_path,
         site=site,
         data=cfg.data,
+        activations=str(acts_dir),
         checkpoint_every=100,
         eval_every=max(1, cfg.tokens // cfg.batch_size // 4),
         log_every=10,
@@ -82,7 +85,7 @@ def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, sae_dir:
     eval_fn = make_train_eval(model, tok, cfg.data, n_tokens=4096)
 
     def stream(state):
-        return model_stream(model, tok, site, cfg.data, cfg.batch_size, seed=cfg.seed, state=state)
+        return cache_stream(acts_dir, cfg.batch_size, seed=cfg.seed, state=state)
 
     [sae] = train(tcfg, stream, eval_fn=eval_fn, resume=resume)
     return sae.to(cfg.device)
@@ -117,6 +120,7 @@ def striking_latents(stats, n: int = 5, min_density: float = 1e-4, max_density: 
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from .activations import collect
     from .checkpoint import load_model
     from .dashboard import write_dashboard
     from .evaluate import evaluate, format_table, save_result
@@ -139,26 +143,31 @@ def run_demo(cfg: DemoConfig) -> dict:
     times["model"] = time.perf_counter() - t
     print(f"{model.info.name}: {model.config.n_layer} layers, width {model.config.n_embd}, site {site}")
 
-    t = _stage(2, f"TopK SAE (k={cfg.k}, {cfg.expansion}x) on {cfg.tokens:,} tokens streamed from {site}")
+    t = _stage(2, f"collect {cfg.collect_tokens:,} activations at {site}")
+    acts_dir = out / "activations"
+    collect(model, tok, acts_dir, site, cfg.collect_tokens, source=cfg.data, dtype="bf16")
+    times["collect"] = time.perf_counter() - t
+
+    t = _stage(3, f"TopK SAE (k={cfg.k}, {cfg.expansion}x) on {cfg.tokens:,} tokens from the cache")
     sae_dir = out / "sae"
-    sae = _train_sae(cfg, model, tok, model_path, site, sae_dir)
+    sae = _train_sae(cfg, model, tok, model_path, site, acts_dir, sae_dir)
     times["train"] = time.perf_counter() - t
 
-    t = _stage(3, f"SAEBench core eval on {cfg.eval_tokens:,} held-out tokens")
+    t = _stage(4, f"SAEBench core eval on {cfg.eval_tokens:,} held-out tokens")
     result = evaluate(sae, model, tok, cfg.data, cfg.eval_tokens, split="val", sae_id=str(sae_dir))
     print(format_table(result))
     eval_json, eval_png = save_result(result, sae_dir / "eval_core.json")
     times["eval"] = time.perf_counter() - t
 
-    t = _stage(4, f"feature statistics over {cfg.viz_tokens:,} tokens")
+    t = _stage(5, f"feature statistics over {cfg.viz_tokens:,} tokens")
     stats = load_or_compute(model, tok, sae, sae_dir, cfg.data, FeatureConfig(n_tokens=cfg.viz_tokens))
     times["features"] = time.perf_counter() - t
 
-    t = _stage(5, "dashboard")
+    t = _stage(6, "dashboard")
     index = write_dashboard(stats, out / "dashboard", labels=load_labels(sae_dir))
     times["dashboard"] = time.perf_counter() - t
 
-    t = _stage(6, "Neuronpedia export")
+    t = _stage(7, "Neuronpedia export")
     export_neuronpedia(stats, sae, out / "neuronpedia", labels=load_label_records(sae_dir))
     times["export"] = time.perf_counter() - t
 
@@ -179,6 +188,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "dead_frac": 1.0 - m["misc_metrics"]["frac_alive"],
         "striking": striking_latents(stats),
         "files": {
+            "activations": str(acts_dir),
             "sae": str(sae_dir),
             "eval": str(eval_json),
             "density_png": str(eval_png),

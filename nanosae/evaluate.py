@@ -31,33 +31,12 @@ from .data import token_batches
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json
 from .gpt import GPT
-from .hooks import add_hooks, canonical_site, run_with_cache, site_width
+from .hooks import add_hooks, run_with_cache, sae_site
 from .sae import SAE, SAELENS_VERSION, saelens_cfg
 from .tokenizer import Tokenizer
 
 F64 = torch.float64
 DENSE_THRESHOLDS = (0.01, 0.1)  # SAEBench's "dense" latents: density above 1% and above 10%
-
-
-def check_compatible(sae: SAE, model: GPT, check_model: bool = True) -> str:
-    """The model site the SAE reads, after checking it exists there with the SAE's width (and model name)."""
-    if not sae.cfg.hook_name:
-        raise NanosaeError(
-            "the SAE config names no hook site (hook_name); set it in cfg.json, e.g. blocks.2.resid_post"
-        )
-    site = canonical_site(sae.cfg.hook_name, model)
-    width = site_width(model, site)
-    if sae.cfg.d_in != width:
-        raise NanosaeError(
-            f"SAE d_in {sae.cfg.d_in} does not fit site {site} of width {width}; use the SAE trained on this model"
-        )
-    info = getattr(model, "info", None)
-    if check_model and sae.cfg.model_name and info is not None and info.name != sae.cfg.model_name:
-        raise NanosaeError(
-            f"SAE was trained on {sae.cfg.model_name} but the model is {info.name}; pass that model "
-            "(or --no-model-check / check_model=False to evaluate anyway)"
-        )
-    return site
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[int, str]:
@@ -302,7 +281,7 @@ def evaluate(
 ) -> dict:
     """SAEBench core-eval result (same keys and nesting) of `sae` on `n_tokens` tokens of `source` (a data
     source for nanosae.data, or a LongTensor of token rows); CE/KL on the first `ce_tokens` (default n/10)."""
-    site = check_compatible(sae, model, check_model)
+    site = sae_site(model, sae, check_model)
     if isinstance(source, torch.Tensor):
         context_size = source.shape[1]
     elif context_size > model.config.sequence_len:
@@ -580,7 +559,7 @@ def make_train_eval(
 
     @torch.no_grad()
     def run(sae: SAE) -> dict[str, float]:
-        site = check_compatible(sae, model, check_model=False)
+        site = sae_site(model, sae)
         if site not in ablated:
             base = _CEStats(acc_device)
             for (idx, keep), logp in zip(batches, clean):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, sha256_file
-from .hooks import canonical_site, parse_site, run_with_cache, site_width
+from .hooks import parse_site, run_with_cache, sae_site
 from .sae import SAE
 
 FINE_BINS = 256  # histogram resolution over [0, hi)
@@ -278,20 +278,6 @@ def batch_rows(cfg: FeatureConfig, d_sae: int) -> int:
     return max(1, min(64, (1 << 24) // (cfg.seq_len * d_sae)))
 
 
-def check_pair(model, sae: SAE) -> str:
-    """The SAE's site on this model, or a NanosaeError naming what does not match."""
-    if not sae.cfg.hook_name:
-        raise NanosaeError("the SAE's cfg.json names no hook; set metadata.hook_name (e.g. blocks.2.resid_post)")
-    site = canonical_site(sae.cfg.hook_name, model)
-    width = site_width(model, site)
-    if width != sae.cfg.d_in:
-        raise NanosaeError(
-            f"the SAE reads {sae.cfg.d_in}-dim activations but {site} of this model is {width}-dim; "
-            "pass the model the SAE was trained on"
-        )
-    return site
-
-
 @torch.inference_mode()
 def compute_features(
     model,
@@ -304,7 +290,7 @@ def compute_features(
 ) -> FeatureStats:
     """One streaming pass over `batches` (LongTensor (B, T) rows), or over cfg.n_tokens of `source`."""
     cfg = cfg or FeatureConfig()
-    site = check_pair(model, sae)
+    site = sae_site(model, sae)
     device = sae.device
     D = sae.cfg.d_sae
     if batches is None:

@@ -78,6 +78,28 @@ def site_width(model: GPT, site: str) -> int:
     return 4 * model.config.n_embd if kind == "mlp_hidden" else model.config.n_embd
 
 
+def sae_site(model: GPT, sae, check_model: bool = False) -> str:
+    """The site an SAE (anything with cfg.hook_name, cfg.d_in, cfg.model_name) reads on this model, after checking
+    the model has it at the SAE's width, and with check_model that the SAE was trained on a model of this name."""
+    cfg = sae.cfg
+    if not cfg.hook_name:
+        raise NanosaeError("the SAE's cfg.json names no hook site; set metadata.hook_name, e.g. blocks.2.resid_post")
+    site = canonical_site(cfg.hook_name, model)
+    width = site_width(model, site)
+    if width != cfg.d_in:
+        raise NanosaeError(
+            f"the SAE reads {cfg.d_in}-wide activations but {site} of this model is {width} wide; "
+            "use the model the SAE was trained on"
+        )
+    info = getattr(model, "info", None)
+    if check_model and cfg.model_name and info is not None and info.name != cfg.model_name:
+        raise NanosaeError(
+            f"the SAE was trained on {cfg.model_name} but the model is {info.name}; pass that model "
+            "(or --no-model-check / check_model=False to go ahead anyway)"
+        )
+    return site
+
+
 def last_layer(sites: Iterable[str], model: GPT) -> int | None:
     """The block after which a forward can stop and still pass every site (-1: the embedding; None: all)."""
     layers = []

@@ -31,24 +31,9 @@ from .features import direction_to_resid
 from .fileio import sha256_file
 from .generate import generate_stream
 from .gpt import GPT
-from .hooks import add_hooks, canonical_site, site_width
+from .hooks import add_hooks, sae_site
 from .labels import load_labels
 from .sae import SAE, load_sae
-
-
-def sae_site(model: GPT, sae: SAE) -> str:
-    """The model site an SAE reads, checked against the model (depth and width)."""
-    if not sae.cfg.hook_name:
-        raise NanosaeError("the SAE's cfg.json names no hook site; it cannot be attached to a model")
-    site = canonical_site(sae.cfg.hook_name, model)
-    width = site_width(model, site)
-    if width != sae.cfg.d_in:
-        raise NanosaeError(
-            f"the SAE reads {sae.cfg.d_in}-wide activations but {site} of this model is {width} wide; "
-            "use the model the SAE was trained on"
-        )
-    return site
-
 
 # ---------------------------------------------------------------------------------------------------- tracking
 

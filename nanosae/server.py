@@ -29,7 +29,8 @@ from pydantic import BaseModel
 from .chat import TextStream
 from .errors import NanosaeError
 from .gpt import GPT
-from .runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions, sae_site
+from .hooks import sae_site
+from .runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
 from .sae import SAE
 from .tokenizer import Tokenizer
 

@@ -309,7 +309,7 @@ def test_train_eval_matches_full_eval(d4, rows):
 def test_bad_inputs_raise_clear_errors(d4, rows, tmp_path, capsys):
     model, tok, _ = d4
     wide = SAE(SAEConfig(architecture="standard", d_in=64, d_sae=32, hook_name=SITE))
-    with pytest.raises(NanosaeError, match="d_in 64"):
+    with pytest.raises(NanosaeError, match="reads 64-wide"):
         evaluate(wide, model, tok, rows, 64, progress=False)
     for site in ("blocks.9.resid_post", "blocks.1.nowhere"):
         sae = SAE(SAEConfig(architecture="standard", d_in=D, d_sae=32, hook_name=site))
@@ -362,27 +362,3 @@ def test_cli_writes_saebench_json_and_histogram(d4, tmp_path, capsys):
     assert all(isinstance(d["consistent_activation_heuristic"], (int, float)) for d in res["eval_result_details"])
     png = out.with_name("core_density.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the same eval on a GPU, fp32 and bf16")
-def test_cuda_matches_cpu(d4, rows):
-    from nanosae import load_model
-
-    _, tok, _ = d4
-    sae = make_sae("topk", k=16, seed=6)
-    cpu = run(sae, d4, rows)["eval_result_metrics"]
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.05)):
-        model = load_model(BASE_DIR, device="cuda", dtype=dtype)[0]
-        gpu = evaluate(sae, model, tok, rows, rows.numel(), ce_tokens=rows.numel(), batch_size=4, progress=False)
-        assert sae.device.type == "cpu"
-        m = gpu["eval_result_metrics"]
-        for cat, key in [
-            ("reconstruction_quality", "explained_variance"),
-            ("reconstruction_quality", "cossim"),
-            ("sparsity", "l1"),
-            ("model_performance_preservation", "ce_loss_with_sae"),
-            ("model_performance_preservation", "ce_loss_score"),
-            ("model_behavior_preservation", "kl_div_score"),
-        ]:
-            assert m[cat][key] == pytest.approx(cpu[cat][key], rel=tol), (dtype, key)
-        assert m["sparsity"]["l0"] == 16.0

@@ -244,7 +244,7 @@ def test_interval_samples_are_uniform():
 
 def test_mismatched_sae_and_model_errors(d4, batches):
     model, tok, _ = d4
-    with pytest.raises(NanosaeError, match="64-dim"):
+    with pytest.raises(NanosaeError, match="reads 64-wide"):
         compute_features(model, tok, make_sae("topk", d_in=64), batches, progress=False)
     with pytest.raises(NanosaeError, match="layers 0..3"):
         compute_features(model, tok, make_sae("topk", site="blocks.9.resid_post"), batches, progress=False)

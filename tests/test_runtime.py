@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from nanosae.errors import NanosaeError
 from nanosae.fileio import sha256_file
 from nanosae.generate import generate
-from nanosae.hooks import capture
+from nanosae.hooks import capture, sae_site
 from nanosae.runtime import (
     Steer,
     Steering,
@@ -19,7 +19,6 @@ from nanosae.runtime import (
     logit_effects,
     parse_steer,
     residual_directions,
-    sae_site,
     steer,
     top_latents,
     track,
