@@ -1,26 +1,29 @@
-"""Ground truth: do the SAE architectures recover known directions? Scored side by side at matched L0.
+"""Ground truth: do the SAE architectures recover known directions? All of them train side by side, from one
+activation stream, at the same L0.
 
-Data (seeded; the sparse-dictionary model of peers.md §4.1, scaled down): `n_true` random unit directions in
-R^d; per token n_active ~ Poisson(k) clipped to [1, 4k], drawn without replacement with firing probabilities
-p_i ∝ (i + 10)^-0.8; coefficients Exp(1) + 0.25; plus a fixed offset μ (|μ| = 2) and N(0, σ²) noise.
-Every SAE is trained by nanosae.train on the same stream. TopK and BatchTopK use k; ReLU/L1 (standard), Gated
-and JumpReLU have their sparsity coefficient searched so that their L0 lands near k: a log-spaced grid, then
-up to `--refine` rounds of log-log interpolation between the coefficients that bracket k (or a step beyond the
-range when none do), keeping the SAE whose L0 is closest to k.
+Data (seeded; the sparse-dictionary model of peers.md §4.1, scaled down): `n_true` random unit directions in R^d;
+per token n_active ~ Poisson(k) clipped to [1, 4k], drawn without replacement with firing probabilities
+p_i ∝ (i + 10)^-0.8; coefficients Exp(1) + 0.25; plus a fixed offset μ (|μ| = 2) and N(0, σ²) noise. The
+directions come from their own seed: drawn from the SAEs' seed, they would equal the first rows of the initial
+decoder (both are randn(n, d)) and hand every SAE the answer; the `init` row checks that chance level is low.
+
+Every SAE gets the same L0: TopK and BatchTopK keep k latents per token (on average over the batch for BatchTopK);
+ReLU/L1 (standard), Gated and JumpReLU steer their sparsity coefficient to L0 = k during training (target_l0).
+BatchTopK is shown as published and with `aux_rare`, where AuxK also trains the latents that fire far below the mean
+rate. Every SAE uses the same learning rate and batch: the width rule's default (2e-4 / sqrt(d_sae / 2^14)) suits
+runs of 100M+ tokens, far too slow for a few million.
 
 Scores, on held-out tokens: recovery = mean over true directions of the max cosine with any decoder row, and
-the fraction of true directions recovered with cosine > 0.9; also L0, FVU (1 - centered EV) and dead fraction.
-Near L0 = k the L1-type recipes sit on a cliff (a few % more penalty collapses them), so read single rows of
-those with care; the search lines printed per run show the whole curve.
+the fraction of true directions recovered with cosine > 0.9; also L0, FVU (1 - centered EV), dead fraction (no
+firing on the held-out tokens) and the coefficient λ the L1/L0 recipes settled at.
 
-    python bench/ground_truth.py --device cuda                 # d 64, 256 directions, d_sae 512, k 8, 4M tokens
-    .venv/bin/python bench/ground_truth.py --tokens 300000 --grid 3   # a quick look on a CPU (undertrained)
+    .venv/bin/python bench/ground_truth.py          # d 64, 256 directions, d_sae 512, k 8, 1.5M tokens (~2 min, 2 cores)
+    python bench/ground_truth.py --large --device cuda  # the same at 8M tokens
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -33,9 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanosae.sae import SAE, SAETrainConfig  # noqa: E402
 from nanosae.train import TrainConfig, train  # noqa: E402
 
-ARCHS = {"topk": "TopK", "batchtopk": "BatchTopK", "standard": "ReLU/L1", "gated": "Gated", "jumprelu": "JumpReLU"}
-# starting sparsity-coefficient grids (inputs scaled to E|x| = sqrt(d)); the search goes beyond them if needed
-GRIDS = {"standard": (0.1, 30.0), "gated": (0.1, 30.0), "jumprelu": (0.01, 3.0)}
+# (label, recipe overrides): every recipe at its defaults except L0 and the shared LR
+RECIPES = {
+    "topk": ("TopK", {}),
+    "batchtopk": ("BatchTopK", {}),
+    "batchtopk_rare": ("BatchTopK+rare", {"arch": "batchtopk", "aux_rare": 0.1}),
+    "standard": ("ReLU/L1", {}),
+    "gated": ("Gated", {}),
+    "jumprelu": ("JumpReLU", {}),
+}
 
 
 class Dictionary:
@@ -83,56 +92,22 @@ class Stream:
         return self.dictionary.sample(self.batch_size, g)
 
 
+def recovery(W_dec: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Per true direction, the best cosine with any decoder row."""
+    return (dirs @ torch.nn.functional.normalize(W_dec, dim=-1).T).max(dim=1).values
+
+
 @torch.no_grad()
 def score(sae: SAE, dirs: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     f = sae.encode(x)
-    x_hat = sae.decode(f)
-    cos = dirs @ torch.nn.functional.normalize(sae.W_dec, dim=-1).T  # (n_true, d_sae)
-    best = cos.max(dim=1).values
-    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    best = recovery(sae.W_dec, dirs)
     return {
         "l0": (f != 0).sum(-1).float().mean().item(),
-        "fvu": fvu.item(),
+        "fvu": ((x - sae.decode(f)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(),
         "dead": ((f > 0).sum(0) == 0).float().mean().item(),
         "mean_max_cos": best.mean().item(),
         "frac_recovered": (best > 0.9).float().mean().item(),
     }
-
-
-def run(recipes: list[SAETrainConfig], args, dictionary: Dictionary, x_eval: torch.Tensor) -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            saes=recipes,
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            log_every=max(1, args.tokens // args.batch_size // 10),
-            checkpoint_every=0,
-            out=out,
-            device=args.device,
-        )
-        saes = train(cfg, lambda state: Stream(dictionary, args.batch_size, args.seed + 1, state), progress=True)
-    results = [{"recipe": r, **score(s, dictionary.dirs, x_eval)} for r, s in zip(recipes, saes)]
-    for r in results:  # as they come, so a run cut short still shows what it found
-        print(f"  {r['recipe'].name:28s} L0 {r['l0']:7.2f}  FVU {r['fvu']:.4f}  recovery {r['mean_max_cos']:.4f}")
-    return results
-
-
-def next_coeff(tried: list[dict], k: float, step: float) -> float:
-    """The next coefficient to try: log-log interpolation between the two tried points that bracket L0 = k, or
-    two grid steps (at most 10x) beyond the tried range (L0 falls as the coefficient grows)."""
-    pts = sorted((r["recipe"].sparsity_coeff, max(r["l0"], 1e-3)) for r in tried)
-    for (c0, l0), (c1, l1) in zip(pts, pts[1:]):
-        if (l0 - k) * (l1 - k) <= 0 and l0 != l1:
-            t = (math.log(k) - math.log(l0)) / (math.log(l1) - math.log(l0))
-            return math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
-    jump = min(step**2, 10.0)
-    return pts[-1][0] * jump if pts[-1][1] > k else pts[0][0] / jump
-
-
-def off(r: dict, k: float) -> float:
-    """How far an SAE's L0 is from k, as |log ratio|."""
-    return abs(math.log(max(r["l0"], 1e-3) / k))
 
 
 def main() -> None:
@@ -140,60 +115,63 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--n-true", type=int, default=256)
     ap.add_argument("--d-sae", type=int, default=512)
-    ap.add_argument("--k", type=int, default=8, help="mean true active directions, and the TopK k")
+    ap.add_argument("--k", type=int, default=8, help="mean true active directions, and every SAE's L0")
     ap.add_argument("--noise", type=float, default=0.05)
-    ap.add_argument("--tokens", type=int, default=4_000_000, help="training tokens per SAE")
-    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=1_500_000, help="training tokens (every SAE sees all of them)")
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=8e-3, help="one LR for every SAE")
+    ap.add_argument("--large", action="store_true", help="the GPU setting: 8M tokens")
+    ap.add_argument("--archs", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     ap.add_argument("--eval-tokens", type=int, default=16_384)
-    ap.add_argument("--grid", type=int, default=7, help="coefficients per searched architecture")
-    ap.add_argument("--refine", type=int, default=3, help="rounds of search after the grid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if args.large:
+        args.tokens = 8_000_000
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    dictionary = Dictionary(args.d, args.n_true, args.k, args.noise, args.seed, args.device)
+    dictionary = Dictionary(args.d, args.n_true, args.k, args.noise, 1_000 + args.seed, args.device)
     x_eval = dictionary.sample(args.eval_tokens, dictionary.generator(args.seed + 999))
     true_l0 = torch.poisson(torch.full((100_000,), float(args.k))).clamp(1, dictionary.max_active).mean().item()
+    names = args.archs.split(",")
+    recipes = [
+        SAETrainConfig(**{"arch": name, **RECIPES[name][1]}, d_sae=args.d_sae, target_l0=args.k, lr=args.lr, name=name)
+        for name in names
+    ]
     print(
         f"data: {args.n_true} true directions in R^{args.d}, mean {true_l0:.2f} active, noise σ {args.noise}; "
-        f"SAEs d_sae {args.d_sae}, {args.tokens:,} training tokens each"
+        f"{len(recipes)} SAEs of d_sae {args.d_sae} at L0 {args.k}, trained together on {args.tokens:,} tokens "
+        f"(batch {args.batch_size}, lr {args.lr:g})"
     )
+    torch.manual_seed(args.seed)  # what the trainer does: the initial decoder, for the chance-level row
+    init = recovery(torch.randn(args.d_sae, args.d), dictionary.dirs.cpu())
+
     t0 = time.time()
-
-    def recipe(arch: str, coeff: float | None = None) -> SAETrainConfig:
-        return SAETrainConfig(
-            arch=arch, d_sae=args.d_sae, k=args.k, sparsity_coeff=coeff, name=f"{arch}_{coeff:.4g}" if coeff else arch
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            saes=recipes,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            log_every=max(1, args.tokens // args.batch_size // 20),
+            checkpoint_every=0,
+            out=out,
+            device=args.device,
         )
+        stream = Stream(dictionary, args.batch_size, args.seed + 1)
+        saes = train(cfg, lambda state: stream, progress=True)
 
-    step = (GRIDS["standard"][1] / GRIDS["standard"][0]) ** (1 / max(1, args.grid - 1))
-    grid = {a: [lo * step**i for i in range(args.grid)] for a, (lo, _) in GRIDS.items()}
-    results = run(
-        [recipe("topk"), recipe("batchtopk")] + [recipe(a, c) for a, cs in grid.items() for c in cs],
-        args,
-        dictionary,
-        x_eval,
-    )
-    for _ in range(args.refine):  # refine the searched architectures whose L0 is not yet within 10% of k
-        tried = {a: [r for r in results if r["recipe"].arch == a] for a in GRIDS}
-        todo = [a for a in GRIDS if min(off(r, args.k) for r in tried[a]) > math.log(1.1)]
-        if not todo:
-            break
-        results += run([recipe(a, next_coeff(tried[a], args.k, step)) for a in todo], args, dictionary, x_eval)
-    best = {a: min((r for r in results if r["recipe"].arch == a), key=lambda r: off(r, args.k)) for a in ARCHS}
-
-    print(f"\nground-truth recovery at matched L0 (target k = {args.k}), {time.time() - t0:.0f}s in all")
-    print(
-        f"{'architecture':12s} {'coeff':>8s} {'L0':>7s} {'FVU':>7s} {'dead %':>7s} {'mean max cos':>13s} {'> 0.9':>7s}"
-    )
-    for arch, label in ARCHS.items():
-        r = best[arch]
-        c = r["recipe"].sparsity_coeff
-        coeff = f"{c:8.4g}" if arch in GRIDS else f"{'k=' + str(args.k):>8s}"
+    print(f"\nground-truth recovery at L0 {args.k} ({args.tokens:,} tokens, {time.time() - t0:.0f}s for all)")
+    print(f"{'architecture':15s} {'λ':>7s} {'L0':>6s} {'FVU':>7s} {'dead %':>7s} {'mean max cos':>13s} {'> 0.9':>7s}")
+    print(f"{'init (chance)':15s} {'':>7s} {'':>6s} {'':>7s} {'':>7s} {init.mean():13.4f} {100 * (init > 0.9).float().mean():6.1f}%")  # fmt: skip
+    for name, sae in zip(names, saes):
+        r = score(sae, dictionary.dirs, x_eval)
+        coeff = sae.cfg.training.get("final_sparsity_coeff")
+        lam = f"{coeff:7.3g}" if coeff and RECIPES[name][1].get("arch", name) not in ("topk", "batchtopk") else ""
         print(
-            f"{label:12s} {coeff} {r['l0']:7.2f} {r['fvu']:7.4f} {100 * r['dead']:7.1f} "
+            f"{RECIPES[name][0]:15s} {lam:>7s} {r['l0']:6.2f} {r['fvu']:7.4f} {100 * r['dead']:7.1f} "
             f"{r['mean_max_cos']:13.4f} {100 * r['frac_recovered']:6.1f}%"
         )
 

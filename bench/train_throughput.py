@@ -6,8 +6,10 @@ offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam
 train on the same batches in the same order, one step each per cycle (alternating which goes first) so that the
 drift of a shared machine hits both alike; the first 2 cycles are warm-up. Each cycle also times the encoder
 matmul alone, which is the floor: with TopK it is the only dense work. FVU is measured on 16k held-out tokens
-after the same steps; peak memory in a fresh process per implementation. The last line is `ratio: R`
-(nanosae tokens/s / reference tokens/s).
+after the same steps. Peak memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a
+fixed malloc mmap threshold, so freed tensors leave it) and the peak of the live tensors created by the steps,
+against the budget weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / reference
+tokens/s).
 
     python bench/train_throughput.py            # 32 steps (~3 min on 2 cores)
     python bench/train_throughput.py --quick    # 8 steps, ~1 min
@@ -16,6 +18,8 @@ after the same steps; peak memory in a fresh process per implementation. The las
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +27,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nanosae.sae import SAETrainConfig
 from nanosae.train import TrainConfig, Trainer
@@ -33,7 +40,9 @@ D_IN, D_SAE, K, BATCH, LR = 512, 8192, 32, 4096, 2e-4
 class Synthetic:
     """The sparse-dictionary data model; sample(n, seed) is a pure function of its arguments."""
 
-    def __init__(self, seed: int = 0, n_dirs: int = 4096):
+    # seed 0 would draw the directions exactly as both SAEs draw their initial decoder (torch.manual_seed(0), randn),
+    # handing them the answer
+    def __init__(self, seed: int = 1, n_dirs: int = 4096):
         g = torch.Generator().manual_seed(seed)
         self.dirs = torch.randn(n_dirs, D_IN, generator=g)
         self.dirs /= self.dirs.norm(dim=1, keepdim=True)
@@ -119,18 +128,57 @@ def _rss_peak_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 
 
+class LiveTensors(TorchDispatchMode):
+    """The peak bytes of tensor storages created under it and still alive (frees seen through weak references):
+    what the implementation holds, apart from the allocator and Python around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.now -= size
+        leaves = tree_leaves((args, kwargs))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                st = t.untyped_storage()  # views and in-place results share an input's storage: not new
+                if st.nbytes() and st.data_ptr() not in self.live and st.data_ptr() not in inputs:
+                    self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+                    self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
+
+
 def memory_probe(impl: str, steps: int) -> None:
-    """In a fresh process: peak RSS growth from just before the implementation is built to the end of `steps`."""
+    """In a fresh process: peak RSS growth from just before the implementation is built to the end of `steps`, then
+    the same steps again from scratch counting live tensors (MiB, both)."""
     data = Synthetic()
     xs = [data.sample(BATCH, 1000 + i) for i in range(steps)]
     # outside the count: MKL's buffers, and the modules torch.optim imports on first use
     torch.addmm(torch.zeros(D_SAE), xs[0], torch.randn(D_SAE, D_IN).T)
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, or later allocations reuse it unseen
     with open("/proc/self/clear_refs", "w") as f:  # restart the high-water mark here
         f.write("5")
     base = _rss_peak_kb()
+    run_steps(impl, xs)
+    rss = (_rss_peak_kb() - base) / 1024
+    with LiveTensors() as live:
+        run_steps(impl, xs)
+    print(rss, live.peak / 2**20)
+
+
+def run_steps(impl: str, xs: list[torch.Tensor]) -> None:
     if impl == "nanosae":
-        trainer = nanosae_trainer(steps)
+        trainer = nanosae_trainer(len(xs))
         trainer.init(xs[0])
         for x in xs:
             trainer.step(x)
@@ -138,10 +186,9 @@ def memory_probe(impl: str, steps: int) -> None:
         ref = DenseTopK(xs[0])
         for x in xs:
             ref.step(x)
-    print((_rss_peak_kb() - base) / 1024)
 
 
-def measure_memory(impl: str, steps: int) -> float | None:
+def measure_memory(impl: str, steps: int) -> tuple[float, float] | None:
     cmd = [
         sys.executable,
         __file__,
@@ -152,9 +199,13 @@ def measure_memory(impl: str, steps: int) -> float | None:
         "--threads",
         str(torch.get_num_threads()),
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # a fixed mmap threshold: every large tensor gets its own mapping, returned when freed, so the RSS follows the live
+    # tensors instead of what glibc's heap happens to keep (its dynamic threshold varies the number by ~40 MB)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     try:
-        return float(r.stdout.strip().splitlines()[-1])
+        rss, live = r.stdout.strip().splitlines()[-1].split()
+        return float(rss), float(live)
     except (ValueError, IndexError):
         print(f"memory probe for {impl} failed: {r.stderr.strip()[-300:]}")
         return None
@@ -218,10 +269,12 @@ def main() -> None:
     batch_mb = BATCH * D_IN * 4 / 2**20
     mem = {impl: measure_memory(impl, 4) for impl in ("nanosae", "reference")}
     if all(v is not None for v in mem.values()):
-        print(f"memory    : peak RSS growth over 4 steps: nanosae {mem['nanosae']:.0f} MB, reference "
-              f"{mem['reference']:.0f} MB; weights {weights:.0f} + Adam {2 * weights:.0f} + 2 batches "
-              f"{2 * batch_mb:.0f} = {3 * weights + 2 * batch_mb:.0f} MB; nanosae extra = "
-              f"{(mem['nanosae'] - 3 * weights) / batch_mb:.1f} batches")  # fmt: skip
+        (ours, ours_live), (theirs, theirs_live) = mem["nanosae"], mem["reference"]
+        print(f"memory    : peak over 4 steps (MiB): RSS growth nanosae {ours:.0f}, reference {theirs:.0f}; live "
+              f"tensors nanosae {ours_live:.0f}, reference {theirs_live:.0f}. Budget: weights {weights:.0f} + Adam "
+              f"{2 * weights:.0f} + 2 batches {2 * batch_mb:.0f} = {3 * weights + 2 * batch_mb:.0f}; nanosae's "
+              f"transients = {(ours_live - 3 * weights) / batch_mb:.1f} batches live, "
+              f"{(ours - 3 * weights) / batch_mb:.1f} in RSS")  # fmt: skip
     print(f"ratio: {tok['nanosae'] / tok['reference']:.2f}")
 
 

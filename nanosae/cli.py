@@ -179,7 +179,8 @@ def _train_config(args):
         args.arch.split(","), args.k, args.expansion, args.sparsity_coeff
     ):
         topk = arch in ("topk", "batchtopk")
-        key = (arch, k if topk else None, expansion, None if topk else coeff)
+        target = args.target_l0 is not None  # it sets k, and λ only starts at the coefficient
+        key = (arch, k if topk and not target else None, expansion, None if topk or target else coeff)
         if key in seen:
             continue
         seen.add(key)
@@ -192,7 +193,9 @@ def _train_config(args):
                 matryoshka=tuple(args.matryoshka),
                 lr=args.lr,
                 sparsity_coeff=None if topk else coeff,
+                target_l0=args.target_l0,
                 aux_coeff=args.aux_coeff,
+                aux_rare=args.aux_rare,
                 k_aux=args.k_aux,
                 normalize=args.normalize,
                 b_dec_init=args.b_dec_init,
@@ -280,18 +283,10 @@ def cmd_train(args) -> None:
                 )
 
         eval_fn = None
-        if cfg.eval_every and not cfg.activations:  # a short spliced-CE eval on held-out text
+        if cfg.eval_every and not cfg.activations:  # a short spliced-CE eval on held-out text, logged
+            from .evaluate import make_train_eval
 
-            def eval_fn(sae):
-                from .evaluate import evaluate
-
-                r = evaluate(sae, model, tok, cfg.data, 8192, ce_tokens=2048, batch_size=8, progress=False)
-                m = r["eval_result_metrics"]
-                return {
-                    "ce_loss_score": m["model_performance_preservation"]["ce_loss_score"],
-                    "explained_variance": m["reconstruction_quality"]["explained_variance"],
-                    "l0": m["sparsity"]["l0"],
-                }
+            eval_fn = make_train_eval(model, tok, cfg.data, n_tokens=8192)
 
         train(cfg, stream_fn, eval_fn=eval_fn, resume=args.resume)
     finally:
@@ -516,14 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsity-coeff", type=_floats, default=[None], help="λ of the L1/L0 penalty (default per arch)")
     g.add_argument("--matryoshka", type=_ints, default=[], help="nested prefix widths for topk/batchtopk: 128,512")
     g.add_argument("--lr", type=float, default=None, help="Adam LR (default 2e-4 / sqrt(d_sae / 2^14))")
+    g.add_argument(
+        "--target-l0", type=float, default=None, help="steer λ so the mean L0 settles here (topk/batchtopk: sets k)"
+    )
     g.add_argument("--aux-coeff", type=float, default=1 / 32, help="AuxK weight (default 1/32)")
+    g.add_argument("--aux-rare", type=float, default=0.0, help="AuxK also trains latents below this x the mean rate")
     g.add_argument("--k-aux", type=int, default=None, help="AuxK latents per token (default d_in / 2)")
     g.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=None, help="scale inputs to E|x|=√d_in"
     )
     g.add_argument("--b-dec-init", choices=["geometric_median", "mean", "zero"], default="geometric_median")
-    g.add_argument("--bandwidth", type=float, default=0.05, help="JumpReLU straight-through bandwidth")
-    g.add_argument("--init-threshold", type=float, default=0.01, help="JumpReLU initial threshold")
+    g.add_argument("--bandwidth", type=float, default=2.0, help="JumpReLU straight-through bandwidth (default 2)")
+    g.add_argument("--init-threshold", type=float, default=None, help="JumpReLU initial threshold (default 0.1)")
     g.add_argument("--threshold-rate", type=float, default=0.01, help="BatchTopK threshold EMA rate")
     g.add_argument("--resample", action=argparse.BooleanOptionalAction, default=None, help="resample dead latents")
     g.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip (default: april 1, others off)")

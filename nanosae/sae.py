@@ -16,8 +16,10 @@ Training architectures (standards.md 4; e = x - x_hat; every loss is a mean over
   batchtopk  the B*k largest relu(pre) of the batch; saved as jumprelu with the EMA of the smallest kept value
   gated      gate/magnitude paths sharing W_enc (W_mag = exp(r_mag) W_enc), L = |e|^2 + λ|relu(π_gate)|_1
              + |x - (relu(π_gate) W_dec.detach() + b_dec.detach())|^2, unit-norm decoder, resampling
-  jumprelu   f = pre * H(pre - θ), L = |e|^2 + λ |f|_0 with straight-through gradients (bandwidth ε) to θ
+  jumprelu   f = pre * H(pre - θ), L = |e|^2 + λ |f|_0 with straight-through gradients (bandwidth ε) to θ and pre
 Matryoshka (topk, batchtopk): the loss averages the reconstruction error of every nested prefix of latents.
+target_l0 (standard, april, gated, jumprelu): λ is steered during training until the mean L0 sits at the target,
+so recipes can be compared at matched L0 without a sweep; for the TopK family it sets k.
 
 Every training SAE sees its inputs scaled by one constant (E|x| = sqrt(d_in) when `normalize`); saving folds the
 constant back (biases and thresholds / c), so the saved SAE reads and writes the model's own activations.
@@ -41,6 +43,9 @@ from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json
 
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+# target_l0: log λ moves by up to L0_GAIN x the step's LR per step. The L0 follows λ through parameters that Adam
+# moves by about one LR per step, so a gain tied to the LR keeps the loop stable at any LR without lagging behind it.
+L0_GAIN = 1.0
 SAELENS_VERSION = "6.0.0"  # the on-disk format version we write (v6: LLM keys live under `metadata`)
 
 
@@ -316,12 +321,14 @@ class SAETrainConfig:
     matryoshka: tuple[int, ...] = ()  # topk, batchtopk: nested prefix widths, e.g. (128, 512); d_sae closes it
     lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14) (the TopK paper's width rule)
     sparsity_coeff: float | None = None  # λ of the L1 (standard, april, gated) or L0 (jumprelu) penalty
+    target_l0: float | None = None  # steer λ every step so the mean L0 settles here (TopK family: sets k)
     aux_coeff: float = 1 / 32  # AuxK weight (topk, batchtopk)
+    aux_rare: float = 0.0  # topk, batchtopk: AuxK also trains latents firing below this fraction of the mean rate
     k_aux: int | None = None  # AuxK latents per token; None: d_in // 2
     normalize: bool | None = None  # scale inputs to E|x| = sqrt(d_in), folded into the weights at save (not topk)
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
-    bandwidth: float = 0.05  # jumprelu: straight-through estimator bandwidth ε
-    init_threshold: float = 0.01  # jumprelu: initial θ
+    bandwidth: float = 2.0  # jumprelu: straight-through estimator bandwidth ε (Anthropic 2025, inputs at E|x| = √d)
+    init_threshold: float | None = None  # jumprelu: initial θ; None: 0.1, or with target_l0 where L0 starts on target
     threshold_rate: float = 0.01  # batchtopk: EMA rate of the inference threshold
     resample: bool | None = None  # Anthropic resampling of dead latents at 20/40/60/80% of training
     grad_clip: float | None = None  # clip the gradient norm (0: off)
@@ -342,6 +349,10 @@ class SAETrainConfig:
             if getattr(c, key) is None:
                 setattr(c, key, value)
         topk = c.arch in ("topk", "batchtopk")
+        if c.target_l0 is not None and not 0 < c.target_l0 < c.d_sae:
+            raise NanosaeError(f"target L0 must be in (0, d_sae={c.d_sae}), got {c.target_l0}")
+        if topk and c.target_l0:
+            c.k = max(1, round(c.target_l0))
         if topk and not 0 < c.k <= c.d_sae:
             raise NanosaeError(f"{c.arch} needs 0 < k <= d_sae (got k={c.k}, d_sae={c.d_sae}); lower --k")
         if c.matryoshka and (
@@ -354,18 +365,23 @@ class SAETrainConfig:
             raise NanosaeError(f"unknown b_dec_init {c.b_dec_init!r}; use geometric_median, mean or zero")
         if not c.name:
             width = f"x{c.expansion}" if c.expansion * d_in == c.d_sae else f"w{c.d_sae}"
-            detail = f"k{c.k}" if topk else f"l{c.sparsity_coeff:g}"
+            detail = f"k{c.k}" if topk else f"L0{c.target_l0:g}" if c.target_l0 else f"l{c.sparsity_coeff:g}"
             c.name = f"{c.arch}{'_matryoshka' if c.matryoshka else ''}_{detail}_{width}"
         return c
 
 
-def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7) -> torch.Tensor:
-    """The point minimising the summed distance to the rows of x (Weiszfeld's iteration, in float64)."""
-    x = x.double()
-    m = x.mean(0)
+def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7, chunk: int = 1024) -> torch.Tensor:
+    """The point minimising the summed distance to the rows of x (Weiszfeld's iteration, in float64; chunks of
+    rows keep the float64 copies small, as this runs next to the training state)."""
+    m = x.sum(0, dtype=torch.float64) / len(x)
     for _ in range(iters):
-        w = 1 / (x - m).norm(dim=1).clamp_min(1e-12)
-        new = (w[:, None] * x).sum(0) / w.sum()
+        num, den = torch.zeros_like(m), 0.0
+        for part in x.split(chunk):
+            part = part.double()
+            w = 1 / (part - m).norm(dim=1).clamp_min(1e-12)
+            num += w @ part
+            den += w.sum()
+        new = num / den
         done = (new - m).norm() <= tol * m.norm().clamp_min(1.0)
         m = new
         if done:
@@ -407,19 +423,20 @@ class TrainingSAE(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae)))
         self.register_buffer("input_scale", torch.tensor(1.0))  # c: the SAE sees c * x
         self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c x - E[c x]|^2 of the init sample
+        self.register_buffer("coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (moves with target_l0)
         self.world_sum = lambda t: t  # sums a tensor over data-parallel ranks (the trainer sets it under DDP)
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor) -> None:
         """Set the input scale, b_dec and the MSE normaliser from a sample of activations (n, d_in)."""
         c = math.sqrt(self.d_in) / x.norm(dim=1).mean().item() if self.cfg.normalize else 1.0
-        xs = x * c
+        xs = x * c if c != 1.0 else x
         self.input_scale.fill_(c)
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(xs))
         elif self.cfg.b_dec_init == "mean":
             self.b_dec.copy_(xs.mean(0))
-        self.mse_scale.fill_((xs - xs.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12))
+        self.mse_scale.fill_(torch.var(xs, dim=0, correction=0).sum().clamp_min(1e-12))
 
     def pre(self, xs: torch.Tensor) -> torch.Tensor:
         return (xs - self.b_dec) @ self.W_enc + self.b_enc
@@ -452,8 +469,15 @@ class TrainingSAE(nn.Module):
         if self.unit_norm:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def after_step(self, extra: dict[str, torch.Tensor], world_size: int) -> None:
-        """Update non-gradient state from the (all-ranks summed) extras of the step's LossOut."""
+    @torch.no_grad()
+    def after_step(self, extra: dict[str, torch.Tensor], world_size: int, l0: float, lr: float) -> None:
+        """Update non-gradient state from the (all-ranks summed) extras of the step's LossOut, the global batch's mean
+        L0 and the step's LR. With target_l0, λ is steered multiplicatively (an integral controller on log L0): it
+        grows while L0 is above the target and shrinks while below."""
+        target = self.cfg.target_l0
+        if target and self.cfg.arch not in ("topk", "batchtopk"):
+            err = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))
+            self.coeff.mul_(math.exp(L0_GAIN * lr * err))
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
@@ -492,7 +516,11 @@ class TrainingSAE(nn.Module):
         for name in tensors:
             if name not in ("W_enc", "W_dec", "r_mag"):
                 tensors[name] = tensors[name] / c
-        training = {**dataclasses.asdict(self.cfg), **meta.pop("training", {})}
+        training = {
+            **dataclasses.asdict(self.cfg),
+            "final_sparsity_coeff": self.coeff.item(),
+            **meta.pop("training", {}),
+        }
         k = self.cfg.k if self.inference_arch == "topk" else None
         cfg = SAEConfig(self.inference_arch, self.d_in, self.d_sae, k=k, training=training, **meta)
         sae = SAE(cfg).to(self.W_dec.device)
@@ -517,7 +545,7 @@ class StandardSAE(TrainingSAE):
         f = self.encode(xs)
         err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
         sparsity = self.penalty(f)
-        loss = (err + coeff * self.cfg.sparsity_coeff * sparsity).mean()
+        loss = (err + coeff * self.coeff * sparsity).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
 
 
@@ -552,49 +580,48 @@ class TopKSAE(TrainingSAE):
         vals, idx = self.pre(xs).topk(self.cfg.k, dim=-1)
         return torch.zeros(xs.shape[0], self.d_sae, device=xs.device).scatter_(-1, idx, F.relu(vals))
 
-    def select(self, xc: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
-        """(codes, pre-activation values, aux codes, aux values) of centred inputs xc = x - b_dec."""
-        vals, idx, aux_vals, aux_idx = sparse.topk_select(
-            xc, self.W_enc.detach(), self.b_enc.detach(), self.cfg.k, dead_idx, k_aux
-        )
-        aux = (sparse.topk_codes(aux_idx), aux_vals.reshape(-1)) if k_aux else (None, None)
-        return (sparse.topk_codes(idx), vals.reshape(-1), *aux)
+    def select(self, xs: torch.Tensor, k: int, dead_idx: torch.Tensor, k_aux: int):
+        """(codes, pre-activation values, aux codes, aux values) of scaled inputs xs."""
+        W, b = self.W_enc.detach(), self.b_enc.detach() - self.b_dec.detach() @ self.W_enc.detach()
+        vals, idx, aux_vals, aux_idx = sparse.topk_select(xs, W, b, k, dead_idx, k_aux)
+        aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
+        return (sparse.topk_codes(idx, self.d_sae), vals.reshape(-1), *aux)
 
-    def decodes(self, codes: sparse.Codes, vals: torch.Tensor) -> list[torch.Tensor]:
-        """x_hat - b_dec from each nested prefix of latents (just the full one without matryoshka)."""
-        if not self.cfg.matryoshka:
-            return [sparse.decode(codes, vals, self.W_dec)]
+    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor) -> list[torch.Tensor]:
+        """x_hat - x from each nested prefix of latents (just the full SAE without matryoshka)."""
+        if not self.cfg.matryoshka:  # in place: one (n, d_in) tensor
+            return [sparse.decode(codes, vals, self.W_dec).sub_(xs).add_(self.b_dec)]
+        shift = self.b_dec - xs
         bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
         group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
         out, partial = [], 0
         for g in range(len(self.cfg.matryoshka) + 1):
             keep = group == g
             partial = partial + sparse.decode(codes.subset(keep), vals[keep], self.W_dec)
-            out.append(partial)
+            out.append(partial + shift)
         return out
 
     def loss(self, x, dead, coeff):
-        target = x * self.input_scale - self.b_dec  # x - x_hat = target - decode: b_dec gets its gradient here
-        xc = target.detach()
+        xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
-        codes, pre_vals, aux_codes, aux_pre = self.select(xc, dead_idx, k_aux)
-        vals = F.relu(sparse.gather(xc, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
-        decoded = self.decodes(codes, vals)
-        sses = [F.mse_loss(d, target, reduction="sum") for d in decoded]
-        loss = sum(sses) / (len(sses) * len(x) * self.mse_scale)
+        codes, pre_vals, aux_codes, aux_pre = self.select(xs, self.cfg.k, dead_idx, k_aux)
+        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
+        errs = self.errors(codes, vals, xs)
+        r = errs[-1].detach()  # x_hat - x; read only in this forward (the backward overwrites it)
         aux = x.new_zeros(())
         if k_aux:
-            e = (target - decoded[-1]).detach()
-            aux_vals = F.relu(sparse.gather(xc, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre))
+            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre))
             e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec)
             # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
-            m = self.world_sum(torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])]))
+            m = self.world_sum(torch.cat([r.sum(0), r.pow(2).sum().view(1), r.new_tensor([len(r)])]))
             var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
-            aux = (e - e_hat).pow(2).sum() / var * (m[-1] / len(e))
-            loss = loss + self.cfg.aux_coeff * aux
+            aux = (e_hat + r).pow(2).sum() / var * (m[-1] / len(r))  # e - e_hat with e = x - x_hat = -r
         fired = torch.zeros(self.d_sae, device=x.device).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
-        return self._out(loss, sses[-1], fired, aux, **self._extra(vals))
+        extra = self._extra(vals)
+        sses = [sparse.squared_error(e) for e in errs]
+        loss = sum(sses) / (len(sses) * len(x) * self.mse_scale) + self.cfg.aux_coeff * aux
+        return self._out(loss, sses[-1], fired, aux, **extra)
 
     def _extra(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
         return {}
@@ -617,16 +644,17 @@ class BatchTopKSAE(TopKSAE):
         keep = torch.zeros_like(flat).scatter_(0, flat.topk(min(self.cfg.k * xs.shape[0], flat.numel())).indices, 1)
         return pre * keep.view_as(pre)
 
-    def select(self, xc, dead_idx, k_aux):
-        pre = torch.addmm(self.b_enc.detach(), xc, self.W_enc.detach())
-        top = pre.flatten().topk(self.cfg.k * xc.shape[0], sorted=False)
+    def select(self, xs, k, dead_idx, k_aux):
+        W = self.W_enc.detach()
+        pre = torch.addmm(self.b_enc.detach() - self.b_dec.detach() @ W, xs, W)
+        top = pre.flatten().topk(k * xs.shape[0], sorted=False)
         positive = top.values > 0
-        codes, order = sparse.flat_codes(top.indices[positive], xc.shape[0], self.d_sae)
+        codes, order = sparse.flat_codes(top.indices[positive], xs.shape[0], self.d_sae)
         pre_vals = top.values[positive][order]
         if not k_aux:
             return codes, pre_vals, None, None
         aux_vals, i = pre.index_select(1, dead_idx).topk(k_aux, dim=-1)
-        return codes, pre_vals, sparse.topk_codes(dead_idx[i]), aux_vals.reshape(-1)
+        return codes, pre_vals, sparse.topk_codes(dead_idx[i], self.d_sae), aux_vals.reshape(-1)
 
     def _extra(self, vals):
         kept = vals[vals > 0]
@@ -634,7 +662,7 @@ class BatchTopKSAE(TopKSAE):
         return {"min_kept": smallest.detach()}
 
     @torch.no_grad()
-    def after_step(self, extra, world_size):
+    def after_step(self, extra, world_size, l0, lr):
         batch_min = extra["min_kept"].float() / world_size  # mean over ranks of each rank's smallest kept value
         # a plain running mean until it would move slower than the EMA, so the start does not linger
         self.threshold_updates += 1
@@ -670,7 +698,7 @@ class GatedSAE(TrainingSAE):
         gate_act = F.relu(gate)
         sparsity = gate_act.sum(-1)
         aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - xs).pow(2).sum(-1)
-        loss = (err + coeff * self.cfg.sparsity_coeff * sparsity + aux).mean()
+        loss = (err + coeff * self.coeff * sparsity + aux).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
 
     def inference_tensors(self):
@@ -689,7 +717,8 @@ def _kernel(z, threshold, bandwidth):  # K((z - θ)/ε) with K(u) = 1[|u| < 1/2]
 
 
 class _JumpReLU(torch.autograd.Function):
-    """z * H(z - θ); d/dz = H(z - θ), d/dθ = -(θ/ε) K((z - θ)/ε)."""
+    """z H(z - θ); d/dθ = -(θ/ε) K((z - θ)/ε), d/dz = H(z - θ) + (θ/ε) K((z - θ)/ε): the jump's pseudo-derivative
+    reaches z too (Anthropic 2025), so a latent just below its threshold learns when firing would help."""
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
@@ -701,11 +730,11 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g):
         z, threshold = ctx.saved_tensors
         d_threshold = -(threshold / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
-        return g * (z > threshold), d_threshold.sum(0), None
+        return g * (z > threshold) - d_threshold, d_threshold.sum(0), None
 
 
 class _Step(torch.autograd.Function):
-    """H(z - θ); d/dz = 0, d/dθ = -(1/ε) K((z - θ)/ε)."""
+    """H(z - θ); d/dθ = -(1/ε) K((z - θ)/ε) and d/dz = -d/dθ (the L0 penalty also lowers z near the threshold)."""
 
     @staticmethod
     def forward(ctx, z, threshold, bandwidth):
@@ -717,20 +746,29 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g):
         z, threshold = ctx.saved_tensors
         d_threshold = -(1 / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
-        return None, d_threshold.sum(0), None
+        return -d_threshold, d_threshold.sum(0), None
 
 
 class JumpReLUSAE(TrainingSAE):
     """JumpReLU (Rajamanoharan et al. 2024): f = z H(z - θ) with z = (x - b_dec) W_enc + b_enc and a learned
     threshold θ per latent (kept >= 0); L = |x - x_hat|^2 + λ |f|_0. H has no gradient, so both terms reach θ
-    through straight-through estimators with a rectangle kernel of bandwidth ε (_JumpReLU, _Step)."""
+    (and z) through straight-through estimators with a rectangle kernel of bandwidth ε (_JumpReLU, _Step).
+    Anthropic's 2025 settings for inputs at E|x| = √d: ε = 2, θ0 = 0.1, gradients to z. θ moves by about one LR per
+    step, so with target_l0 it starts where the initial encoder fires target_l0 latents per token."""
 
     inference_arch = "jumprelu"
     defaults = {"sparsity_coeff": 1.0, "resample": True, "grad_clip": 0.0, "beta1": 0.0, "normalize": True}
 
     def __init__(self, cfg, d_in):
         super().__init__(cfg, d_in)
-        self.threshold = nn.Parameter(torch.full((self.d_sae,), self.cfg.init_threshold))
+        self.threshold = nn.Parameter(torch.full((self.d_sae,), self.cfg.init_threshold or 0.1))
+
+    @torch.no_grad()
+    def init_from_sample(self, x):
+        super().init_from_sample(x)
+        if self.cfg.init_threshold is None and self.cfg.target_l0:  # θ where the initial encoder fires target_l0
+            z = self.pre(x * self.input_scale).flatten()
+            self.threshold.fill_(z.topk(max(1, round(self.cfg.target_l0 * len(x)))).values[-1].clamp_min(0).item())
 
     def latent_params(self):
         return super().latent_params() + [(self.threshold, 0)]
@@ -740,7 +778,8 @@ class JumpReLUSAE(TrainingSAE):
         return z * (z > self.threshold)
 
     @torch.no_grad()
-    def after_step(self, extra, world_size):
+    def after_step(self, extra, world_size, l0, lr):
+        super().after_step(extra, world_size, l0, lr)
         self.threshold.clamp_(min=0.0)
 
     def loss(self, x, dead, coeff):
@@ -749,7 +788,7 @@ class JumpReLUSAE(TrainingSAE):
         f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)
         err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
         l0 = _Step.apply(z, self.threshold, self.cfg.bandwidth).sum(-1)
-        loss = (err + coeff * self.cfg.sparsity_coeff * l0).mean()
+        loss = (err + coeff * self.coeff * l0).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), l0.mean())
 
     def inference_tensors(self):

@@ -4,7 +4,9 @@ that resume bitwise; Ctrl-C and NaN/Inf handling; data-parallel training under t
 
 One step, for every SAE: loss on this rank's share of the batch -> backward -> (several ranks: all-reduce the
 gradients and the step's statistics) -> project decoder gradients -> clip -> Adam -> renormalise the decoder ->
-update dead counters, firing density, thresholds -> maybe resample, log, checkpoint, evaluate.
+update dead counters, firing density, thresholds, λ -> maybe resample, log, checkpoint, evaluate. On one process the
+TopK family's two weight matrices skip the dense gradient: projection, Adam and renorm run a block of latents at a
+time on gradients the backward left unevaluated (_adam_rows, nanosae.sparse.RowGrad).
 
 An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
@@ -202,14 +204,19 @@ class NonFiniteLoss(NanosaeError):
 class _Run:
     """One SAE with its optimizer and bookkeeping (all of it saved in checkpoints)."""
 
-    def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int):
+    def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
         c = sae.cfg
+        # the TopK family's weight gradients reach Adam a block of latents at a time (_adam_rows), never as a dense
+        # tensor; a gradient all-reduce or a global clip needs them whole, so those runs take the plain path
+        topk = c.arch in ("topk", "batchtopk")
+        self.row_params = [(sae.W_enc, True), (sae.W_dec, False)] if topk and world == 1 and not c.grad_clip else []
         fused = {"fused": True} if sae.W_dec.device.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **fused)
         dev = sae.W_dec.device
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired
         self.density = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)  # EMA of the firing frequency
+        self.recent = torch.full((sae.d_sae,), -1.0, dtype=torch.float64, device=dev)  # the same over dead_tokens
         self.sums: dict[str, float] = {}  # metrics summed since the last log line
         self.last: dict[str, float] = {}  # the last logged means
 
@@ -217,12 +224,20 @@ class _Run:
     def dead(self) -> torch.Tensor:
         return self.since_fired >= self.dead_tokens
 
+    @property
+    def aux_latents(self) -> torch.Tensor:
+        """The latents AuxK trains: the dead ones, and with aux_rare those firing far below the mean rate."""
+        if not self.sae.cfg.aux_rare:
+            return self.dead
+        return self.dead | (self.recent < self.sae.cfg.aux_rare * self.recent.mean())
+
     def state_dict(self) -> dict:
         return {
             "sae": self.sae.state_dict(),
             "optimizer": self.opt.state_dict(),
             "since_fired": self.since_fired,
             "density": self.density,
+            "recent": self.recent,
             "sums": dict(self.sums),
         }
 
@@ -231,6 +246,7 @@ class _Run:
         self.opt.load_state_dict(d["optimizer"])
         self.since_fired.copy_(d["since_fired"])
         self.density.copy_(d["density"])
+        self.recent.copy_(d["recent"])
         self.sums = dict(d["sums"])
 
     @torch.no_grad()
@@ -246,14 +262,20 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = c.lr * lr_factor
-        self.opt.step()
+        self.opt.step()  # the parameters with a dense gradient (all but row_params)
+        for p, transposed in self.row_params:
+            grads, p.row_grads = p.row_grads, None
+            _adam_rows(p, transposed, grads, self.opt, unit_norm=sae.unit_norm and p is sae.W_dec)
         self.opt.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
-        sae.after_step(r["extra"], world)
+        if not self.row_params:
+            sae.normalize_decoder()
+        sae.after_step(r["extra"], world, r["fired"].sum().item() / n, c.lr * lr_factor)
         self.since_fired += int(n)
         self.since_fired[r["fired"] > 0] = 0
         rate = min(1.0, n / self.density_tokens)
         self.density.mul_(1 - rate).add_(r["fired"].to(self.density) / n, alpha=rate)
+        first = self.recent[0] < 0  # the first batch starts the average
+        self.recent.lerp_(r["fired"].to(self.recent) / n, 1.0 if first else min(1.0, n / self.dead_tokens))
         for k, v in (
             ("loss", r["loss"] / world),
             ("sse", r["sse"]),
@@ -276,6 +298,42 @@ class _Run:
             "dead_frac": self.dead.double().mean().item(),
         }
         return self.last
+
+
+@torch.no_grad()
+def _adam_rows(
+    p: torch.Tensor, transposed: bool, grads: list, opt: torch.optim.Adam, unit_norm: bool, block: int = 256
+) -> None:
+    """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient arrives as
+    nanosae.sparse.RowGrads, evaluated a block of latents at a time: the dense gradient never exists, and each block
+    is still in cache for the update. With unit_norm, each row's gradient loses its component along the row first
+    and the row is renormalised after (standards.md 4), in the same pass."""
+    group = opt.param_groups[0]
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    state = opt.state[p]
+    if not state:  # torch's own state layout, so checkpoints, resampling and the plain path all read it
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    W, m_all, v_all = (q.t() if transposed else q for q in (p, state["exp_avg"], state["exp_avg_sq"]))
+    d_sae = W.shape[0]
+    starts = list(range(0, d_sae, block)) + [d_sae]
+    cuts = [g.codes.latent_offsets[starts].tolist() for g in grads]  # one host read per gradient term
+    for i, (lo, hi) in enumerate(zip(starts, starts[1:])):
+        g = grads[0].rows(lo, hi, cuts[0][i], cuts[0][i + 1])
+        for term, cut in zip(grads[1:], cuts[1:]):
+            g += term.rows(lo, hi, cut[i], cut[i + 1])
+        w, m, v = W[lo:hi], m_all[lo:hi], v_all[lo:hi]
+        if unit_norm:
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)
+        # torch.optim.Adam(fused=True)'s own kernel (one pass over the block); it reads the step, we advanced it
+        torch._fused_adam_(
+            [w], [g], [m], [v], [], [state["step"]], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+            amsgrad=False, maximize=False,
+        )  # fmt: skip
+        if unit_norm:
+            w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _pack(outs, x: torch.Tensor, stop: bool) -> torch.Tensor:
@@ -325,7 +383,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dead_tokens = _dead_tokens(cfg)
         device = torch.device(cfg.device)
-        self.runs = [_Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens) for s in cfg.saes]
+        self.runs = [
+            _Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world) for s in cfg.saes
+        ]
         if self.world > 1:
             for run in self.runs:
                 run.sae.world_sum = _all_reduce_sum
@@ -354,7 +414,9 @@ class Trainer:
         coeff = min(1.0, (step + 1) / self._sparsity_warmup)
         outs = []
         for run in self.runs:
-            o = run.sae.loss(x, run.dead, coeff)
+            for p, _ in run.row_params:
+                p.row_grads = []  # the backward leaves the weight gradients here (nanosae.sparse)
+            o = run.sae.loss(x, run.aux_latents, coeff)
             o.loss.backward()
             outs.append(o)
         stats = _pack(outs, x, stop)

@@ -2,6 +2,7 @@
 and out; bad inputs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -93,9 +94,9 @@ def test_batchtopk_keeps_the_batch_top_entries_and_tracks_a_threshold():
     )
     assert out.fired.sum() == N * 4 and not torch.equal(out.fired, torch.full_like(out.fired, out.fired[0]))
     smallest = z[z > 0].min()
-    sae.after_step({k: v.double() for k, v in out.extra.items()}, 1)
+    sae.after_step({k: v.double() for k, v in out.extra.items()}, 1, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, smallest)
-    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 1)
+    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 1, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, 1.5 * smallest)  # running mean while it moves faster than the EMA
 
 
@@ -139,6 +140,25 @@ def test_jumprelu_loss_and_straight_through_threshold_gradient():
     kernel = ((z - theta).abs() < eps / 2).float()
     d_theta = (-(theta / eps) * kernel * g).sum(0) - 0.21 * (kernel / eps).sum(0) / N
     assert kernel.sum() > 0 and torch.allclose(sae.threshold.grad, d_theta, atol=1e-5)
+    # the jump's pseudo-derivative reaches z too (Anthropic 2025): d/dz = -d/dθ on top of H(z - θ)
+    d_z = g * (z > theta) + (theta / eps) * kernel * g + 0.21 * kernel / eps / N
+    assert torch.allclose(sae.b_enc.grad, d_z.sum(0), atol=1e-5)
+
+
+def test_target_l0_steers_the_coefficient_and_starts_jumprelu_on_target():
+    sae, x = _sae("standard", target_l0=4.0, sparsity_coeff=1.0)
+    sae.after_step({}, 1, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
+    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * math.log(2.0))))
+    sae.after_step({}, 1, 0.001, 0.01)  # far below: the step is capped
+    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * (math.log(2.0) - 1))))
+    topk = SAETrainConfig(arch="topk", d_sae=D_SAE, target_l0=6.4).resolved(D_IN)
+    assert topk.k == 6 and topk.name == "topk_k6_x4"
+    torch.manual_seed(0)
+    jump = training_sae(SAETrainConfig(arch="jumprelu", d_sae=D_SAE, target_l0=5.0), D_IN)
+    jump.init_from_sample(x)
+    with torch.no_grad():
+        l0 = (jump.encode(x * jump.input_scale) != 0).float().sum(-1).mean()
+    assert abs(l0 - 5.0) < 0.1 and jump.threshold.min() > 0
 
 
 @pytest.mark.parametrize("arch", ["standard", "april", "topk", "batchtopk", "gated", "jumprelu"])

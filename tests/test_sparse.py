@@ -36,6 +36,17 @@ def test_topk_select_matches_torch_topk_in_every_block():
     assert torch.isin(aux_idx, dead).all() and torch.equal(pre.gather(1, aux_idx), aux_vals)
 
 
+def test_chunked_topk_is_exact_even_with_ties():
+    """Wide rows take the chunk-maxima shortcut; ties (a value repeated across chunks) must not lose an entry."""
+    g = torch.Generator().manual_seed(0)
+    pre = (torch.randn(64, 512, generator=g) * 4).round() / 4  # coarse values: many ties
+    pre[:, 100:140] = 3.0  # a run of equal maxima spanning two chunks
+    vals, idx = sparse._topk(pre, 6)
+    ref = pre.topk(6, dim=-1).values
+    assert torch.equal(vals.sort(-1).values, ref.sort(-1).values)
+    assert torch.equal(pre.gather(1, idx), vals) and (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct
+
+
 def test_topk_encode_decode_and_gradients_match_dense():
     W_enc, b_enc, b_dec, W_dec = _params()
     x, k = torch.randn(40, 12, dtype=torch.float64), 7
@@ -43,8 +54,8 @@ def test_topk_encode_decode_and_gradients_match_dense():
 
     with torch.no_grad():
         pre_vals, idx, _, _ = sparse.topk_select(x - b_dec, W_enc, b_enc, k, block=16)
-    codes = sparse.topk_codes(idx)
-    vals = F.relu(sparse.gather((x - b_dec).detach(), b_dec, W_enc, b_enc, codes, pre_vals.reshape(-1)))
+    codes = sparse.topk_codes(idx, 96)
+    vals = F.relu(sparse.gather(x, b_dec, W_enc, b_enc, codes, pre_vals.reshape(-1)))
     out = sparse.decode(codes, vals, W_dec) + b_dec
     grads = torch.autograd.grad(out, [W_enc, b_enc, b_dec, W_dec], dout)
 
@@ -68,7 +79,7 @@ def test_variable_bags_match_dense():
     codes, order = sparse.flat_codes(flat, 30, 96)
     assert (torch.bincount(codes.rows, minlength=30) == 0).any()  # some tokens have no entry at all
     pre_vals = pre.detach().flatten()[flat][order]
-    out = sparse.decode(codes, sparse.gather((x - b_dec).detach(), b_dec, W_enc, b_enc, codes, pre_vals), W_dec)
+    out = sparse.decode(codes, sparse.gather(x, b_dec, W_enc, b_enc, codes, pre_vals), W_dec)
     grads = torch.autograd.grad(out, [W_enc, b_enc, b_dec, W_dec], dout)
 
     mask = torch.zeros(30 * 96, dtype=torch.float64).index_fill_(0, flat, 1).view(30, 96)
@@ -80,7 +91,7 @@ def test_variable_bags_match_dense():
 
 
 def test_codes_subset_keeps_token_positions():
-    codes = sparse.topk_codes(torch.tensor([[0, 5], [2, 7], [1, 6]]))
+    codes = sparse.topk_codes(torch.tensor([[0, 5], [2, 7], [1, 6]]), 8)
     sub = codes.subset(codes.cols < 5)
     assert sub.cols.tolist() == [0, 2, 1] and sub.rows.tolist() == [0, 1, 2] and sub.offsets.tolist() == [0, 1, 2]
     empty_first = codes.subset(codes.cols >= 6)

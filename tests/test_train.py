@@ -217,10 +217,17 @@ def test_schedules():
 
 
 def test_a_trainer_step_is_a_plain_adam_step():
-    """Gradients reach the (fused) optimizer in their parameter's memory layout; a mismatch makes torch 2.13's
-    fused CPU Adam update the wrong elements, silently."""
-    saes = [SAETrainConfig(arch=a, d_sae=64, k=4, lr=1e-3, sparsity_coeff=0.1) for a in ("topk", "standard", "gated")]
-    cfg = TrainConfig(saes=saes, tokens=40 * 128, batch_size=128, lr_warmup_steps=0, sparsity_warmup_frac=0)
+    """Every architecture's step is torch's Adam on the dense gradient (then the decoder renorm): the TopK family's
+    block-by-block update from unevaluated gradients (main, AuxK and matryoshka terms) included. Gradients reach the
+    fused optimizer in their parameter's memory layout; a mismatch makes torch 2.13's fused CPU Adam update the
+    wrong elements, silently."""
+    saes = [
+        SAETrainConfig(arch=a, d_sae=600, k=4, lr=1e-3, sparsity_coeff=0.1, name=f"{a}{len(m)}", matryoshka=m)
+        for a, m in (("topk", ()), ("topk", (100, 300)), ("batchtopk", ()), ("standard", ()), ("gated", ()))
+    ]
+    cfg = TrainConfig(
+        saes=saes, tokens=40 * 128, batch_size=128, lr_warmup_steps=0, sparsity_warmup_frac=0, dead_tokens=128
+    )
     trainer = Trainer(cfg, D_IN)
     trainer.init(DATA[:128])
     refs = [copy.deepcopy(run.sae) for run in trainer.runs]
@@ -235,6 +242,8 @@ def test_a_trainer_step_is_a_plain_adam_step():
             opt.zero_grad()
             ref.normalize_decoder()
         trainer.step(x)
+    assert trainer.runs[0].row_params and trainer.runs[0].sae.W_enc.grad is None  # the dense gradient never existed
+    assert trainer.runs[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
     for run, ref in zip(trainer.runs, refs):
         for p, q in zip(run.sae.parameters(), ref.parameters()):
             assert torch.allclose(p, q, atol=1e-6), run.sae.cfg.name
@@ -254,6 +263,22 @@ def test_dead_latents_are_counted_and_feed_auxk():
         run.sae.b_enc.data[:8] = -1e4
     m = run.flush()
     assert run.dead[:8].all() and m["dead_frac"] >= 8 / 64 and m["aux"] > 0  # dead after 512 tokens: AuxK on
+
+
+def test_aux_rare_hands_rarely_firing_latents_to_auxk():
+    saes = [
+        SAETrainConfig(arch="batchtopk", k=4, d_sae=64, aux_rare=0.5, name="rare"),
+        SAETrainConfig(arch="batchtopk", k=4, d_sae=64),
+    ]
+    cfg = TrainConfig(saes=saes, tokens=40 * 128, batch_size=128, dead_tokens=10**7)
+    trainer = Trainer(cfg, D_IN)
+    trainer.init(DATA[:128])
+    for i in range(6):
+        trainer.step(DATA[i * 128 : (i + 1) * 128])
+    rare, plain = trainer.runs
+    want = rare.recent < 0.5 * rare.recent.mean()  # the firing rate over about dead_tokens
+    assert not rare.dead.any() and want.any() and torch.equal(rare.aux_latents, want)
+    assert rare.flush()["aux"] > 0 and plain.flush()["aux"] == 0  # AuxK ran on them; without aux_rare it did not
 
 
 def test_resampling_reinitialises_dead_latents_and_their_adam_state():
