@@ -6,7 +6,7 @@ The contender is `nanosae.evaluate.evaluate` end to end (masking, every metric, 
 counts, weight statistics). Peak accelerator memory of both is printed: streaming means the eval's peak does
 not grow with the token count. The last line is `ratio: R` (floor time ÷ eval time; 1.0 is the floor).
 
-    .venv/bin/python bench/eval_throughput.py --tokens 20000 --n-layer 4 --n-embd 128 --d-sae 2048  # CPU, small
+    .venv/bin/python bench/eval_throughput.py --tokens 20000 --n-layer 4 --n-embd 128 --n-head 2 --layer 2 --d-sae 2048  # CPU
     python bench/eval_throughput.py --device cuda --dtype bf16   # d20-shaped model, 16k-latent SAE, 4.1M tokens
 """
 

@@ -597,19 +597,19 @@ class ModelStream(ActivationStream):
 
     def __init__(
         self,
-        model,
-        tokenizer,
-        site,
-        source,
-        batch_size,
-        seq_len,
-        seed,
-        rank,
-        world_size,
-        state,
-        buffer_tokens,
-        forward_rows,
-        split,
+        model: GPT,
+        tokenizer: Tokenizer,
+        site: str,
+        source: str | os.PathLike | None,
+        batch_size: int,
+        seq_len: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+        buffer_tokens: int = 1 << 18,
+        forward_rows: int = 8,
+        split: str | None = "train",
     ):
         self.model, self.tokenizer, self.source, self.split = model, tokenizer, source, split
         self.site = canonical_site(site, model)
@@ -680,35 +680,8 @@ class ModelStream(ActivationStream):
         return [got[j % W][j // W] for j in range(n)]
 
 
-def model_stream(
-    model: GPT,
-    tokenizer: Tokenizer,
-    site: str,
-    source: str | os.PathLike | None,
-    batch_size: int,
-    seq_len: int | None = None,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    state: dict | None = None,
-    buffer_tokens: int = 1 << 18,
-    forward_rows: int = 8,
-    split: str | None = "train",
-) -> ActivationStream:
+def model_stream(model: GPT, tokenizer: Tokenizer, site: str, source, batch_size: int, **options) -> ActivationStream:
     """Endless shuffled float32 batches (on the model's device) computed straight from the model, BOS excluded;
-    no cache needed. A resume re-tokenizes (but does not forward) the rows before its position."""
-    return ModelStream(
-        model,
-        tokenizer,
-        site,
-        source,
-        batch_size,
-        seq_len,
-        seed,
-        rank,
-        world_size,
-        state,
-        buffer_tokens,
-        forward_rows,
-        split,
-    )
+    no cache needed. A resume re-tokenizes (but does not forward) the rows before its position. Options: those of
+    ModelStream (seq_len, seed, rank, world_size, state, buffer_tokens, forward_rows, split)."""
+    return ModelStream(model, tokenizer, site, source, batch_size, **options)

@@ -279,7 +279,16 @@ def cmd_train(args) -> None:
 
             def stream_fn(state):
                 return model_stream(
-                    model, tok, cfg.site, cfg.data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, state
+                    model,
+                    tok,
+                    cfg.site,
+                    cfg.data,
+                    cfg.batch_size,
+                    seq_len=cfg.seq_len,
+                    seed=cfg.seed,
+                    rank=rank,
+                    world_size=world,
+                    state=state,
                 )
 
         eval_fn = None

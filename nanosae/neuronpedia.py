@@ -139,7 +139,8 @@ def dashboard_feature(stats, i: int) -> dict:
 
 def _jsonl_gz(path: Path, rows: list[dict]) -> None:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    atomic_write(path, lambda f: f.write(gzip.compress(data, mtime=0)))  # mtime 0: same input, same bytes
+    # mtime 0: same input, same bytes; level 6 compresses nearly as well as 9 in a third of the time
+    atomic_write(path, lambda f: f.write(gzip.compress(data, 6, mtime=0)))
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

@@ -15,14 +15,6 @@ from nanosae.sae import SAE, SAEConfig, SAETrainConfig, geometric_median, load_s
 D_IN, D_SAE, N = 16, 64, 96
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny shapes: threads only add contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sae(arch: str, **kw):
     """A training SAE with every parameter and buffer randomised (so no term of a formula can hide behind a 0)."""
     torch.manual_seed(0)

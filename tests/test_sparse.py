@@ -1,20 +1,11 @@
 """The TopK-family sparse path: selection, decode and every gradient against the dense computation."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosae import sparse
 from nanosae.sae import SAETrainConfig, training_sae
-
-
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny shapes: threads only add contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _params(d=12, n_lat=96, seed=0):

@@ -20,14 +20,6 @@ D_IN = 16
 BASE_DIR = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny shapes: threads only add contention on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=4096, seed=0):
     """Sparse combinations of 64 unit directions plus an offset and noise: something an SAE can learn."""
     g = torch.Generator().manual_seed(seed)
