@@ -97,7 +97,7 @@ def topk_select(
     k: int,
     aux_latents: torch.Tensor | None = None,
     k_aux: int = 0,
-    block: int = 128,
+    block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per token, the k largest pre-activations x @ W_enc + b_enc (values, latent ids) and, when `aux_latents`
     is given, the k_aux largest among those latents only (AuxK). The matmul runs in row blocks so that each
