@@ -73,7 +73,8 @@ class TrainConfig:
         return self.tokens // self.batch_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As saved in checkpoints (JSON types: tuples become lists), so configs compare equal across a save."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -471,7 +472,7 @@ def read_checkpoint(out: str | Path) -> dict:
 
 def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
     saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
-    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in RESUMABLE}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:
         raise NanosaeError(f"--resume with different settings ({', '.join(changed)}); resume with the saved ones")
@@ -489,7 +490,7 @@ def _save_checkpoint(out: Path, trainer: Trainer, stream) -> None:
     if trainer.rank == 0:
         state = {
             "version": 1,
-            "config": json.loads(json.dumps(trainer.cfg.to_dict())),
+            "config": trainer.cfg.to_dict(),
             "streams": streams,
             **trainer.state_dict(),
         }
