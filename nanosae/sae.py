@@ -580,10 +580,10 @@ class TopKSAE(TrainingSAE):
         vals, idx = self.pre(xs).topk(self.cfg.k, dim=-1)
         return torch.zeros(xs.shape[0], self.d_sae, device=xs.device).scatter_(-1, idx, F.relu(vals))
 
-    def select(self, xs: torch.Tensor, k: int, dead_idx: torch.Tensor, k_aux: int):
+    def select(self, xs: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
         """(codes, pre-activation values, aux codes, aux values) of scaled inputs xs."""
         W, b = self.W_enc.detach(), self.b_enc.detach() - self.b_dec.detach() @ self.W_enc.detach()
-        vals, idx, aux_vals, aux_idx = sparse.topk_select(xs, W, b, k, dead_idx, k_aux)
+        vals, idx, aux_vals, aux_idx = sparse.topk_select(xs, W, b, self.cfg.k, dead_idx, k_aux)
         aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
         return (sparse.topk_codes(idx, self.d_sae), vals.reshape(-1), *aux)
 
@@ -605,7 +605,7 @@ class TopKSAE(TrainingSAE):
         xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
-        codes, pre_vals, aux_codes, aux_pre = self.select(xs, self.cfg.k, dead_idx, k_aux)
+        codes, pre_vals, aux_codes, aux_pre = self.select(xs, dead_idx, k_aux)
         vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
         errs = self.errors(codes, vals, xs)
         r = errs[-1].detach()  # x_hat - x; read only in this forward (the backward overwrites it)
@@ -644,10 +644,10 @@ class BatchTopKSAE(TopKSAE):
         keep = torch.zeros_like(flat).scatter_(0, flat.topk(min(self.cfg.k * xs.shape[0], flat.numel())).indices, 1)
         return pre * keep.view_as(pre)
 
-    def select(self, xs, k, dead_idx, k_aux):
+    def select(self, xs, dead_idx, k_aux):
         W = self.W_enc.detach()
         pre = torch.addmm(self.b_enc.detach() - self.b_dec.detach() @ W, xs, W)
-        top = pre.flatten().topk(k * xs.shape[0], sorted=False)
+        top = pre.flatten().topk(self.cfg.k * xs.shape[0], sorted=False)
         positive = top.values > 0
         codes, order = sparse.flat_codes(top.indices[positive], xs.shape[0], self.d_sae)
         pre_vals = top.values[positive][order]
@@ -761,7 +761,9 @@ class JumpReLUSAE(TrainingSAE):
 
     def __init__(self, cfg, d_in):
         super().__init__(cfg, d_in)
-        self.threshold = nn.Parameter(torch.full((self.d_sae,), self.cfg.init_threshold or 0.1))
+        self.threshold = nn.Parameter(
+            torch.full((self.d_sae,), 0.1 if self.cfg.init_threshold is None else self.cfg.init_threshold)
+        )
 
     @torch.no_grad()
     def init_from_sample(self, x):
