@@ -272,7 +272,8 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         if not self.row_params:
             sae.normalize_decoder()
-        sae.after_step(r["extra"], world, r["fired"].sum().item() / n, c.lr * lr_factor)
+        fired = r["fired"].sum().item()  # latent firings in the global batch (mean L0 = fired / n)
+        sae.after_step(r["extra"], world, fired / n, c.lr * lr_factor)
         self.since_fired += int(n)
         self.since_fired[r["fired"] > 0] = 0
         rate = min(1.0, n / self.density_tokens)
@@ -282,7 +283,7 @@ class _Run:
         for k, v in (
             ("loss", r["loss"] / world),
             ("sse", r["sse"]),
-            ("l0", r["fired"].sum().item()),
+            ("l0", fired),
             ("aux", r["aux"] / world),
             ("tokens", n),
             ("var", var),
