@@ -51,7 +51,7 @@ def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, acts_dir
     from .activations import cache_stream
     from .evaluate import make_train_eval
     from .sae import SAETrainConfig, load_sae
-    from .train import CHECKPOINT, TrainConfig, read_checkpoint, train
+    from .train import CHECKPOINT, TrainConfig, changed_settings, read_checkpoint, train
 
     tcfg = TrainConfig(
         saes=[SAETrainConfig(arch="topk", k=cfg.k, expansion=cfg.expansion)],
@@ -71,13 +71,15 @@ def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, acts_dir
     resume = False
     if (sae_dir / CHECKPOINT).exists():
         saved = read_checkpoint(sae_dir)
-        same = saved["config"] == {**tcfg.to_dict(), "device": saved["config"]["device"]}
+        changed = changed_settings(tcfg, saved)
         done = saved["step"] >= tcfg.steps and (sae_dir / "cfg.json").is_file()
-        if same and done and not cfg.force:
+        if not changed and done and not cfg.force:
             print(f"reusing the SAE trained before in {sae_dir}")
             return load_sae(sae_dir, cfg.device)
-        if not same and not cfg.force:
-            raise NanosaeError(f"{sae_dir} holds an SAE trained with other settings; pass --force or a new --out")
+        if changed and not cfg.force:
+            raise NanosaeError(
+                f"{sae_dir} holds an SAE trained with other settings ({', '.join(changed)}); pass --force or a new --out"
+            )
         if cfg.force:
             shutil.rmtree(sae_dir)
         else:

@@ -471,11 +471,15 @@ def read_checkpoint(out: str | Path) -> dict:
         raise NanosaeError(f"{path}: unreadable checkpoint ({e}); delete it and start again without --resume") from None
 
 
-def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
+def changed_settings(cfg: TrainConfig, ckpt: dict) -> list[str]:
+    """The settings of cfg that differ from the checkpoint's, apart from those a resume may change (RESUMABLE)."""
     saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    if changed:
+    return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+
+
+def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
+    if changed := changed_settings(cfg, ckpt):
         raise NanosaeError(f"--resume with different settings ({', '.join(changed)}); resume with the saved ones")
     if len(ckpt["streams"]) != world:
         raise NanosaeError(
