@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,7 +246,7 @@ def generate_tracked(
     only_generated: bool = False,
     units: torch.Tensor | None = None,
     tracker: Tracker | None = None,
-    lock: threading.Lock | None = None,
+    lock: AbstractContextManager | None = None,
 ) -> Iterator[tuple[int, TokenLatents]]:
     """Generate like generate_stream, yielding (token id, that token's top latents). The prompt's records
     land in `tracker.records` first. The hooks are installed only around each model step (under `lock` when

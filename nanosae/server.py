@@ -5,7 +5,7 @@ temperature?, max_tokens?, top_k?}, streamed back as SSE lines `data: {"token": 
 finally `data: {"done": true}`, with its input limits. Token events also carry "ids" and "latents" (one
 [[latent, value], ...] list per id), and a request may add "steer" ([{latent, add | clamp | ablate}]),
 "only_generated", "seed" and "top_n"; old clients ignore them. Generations share one model and interleave
-token by token: each step runs under a lock with that request's own hooks, so steering never leaks between
+token by token: each step runs, in turn, under a lock with that request's own hooks, so steering never leaks between
 clients. Also: `GET /` (the page), `/health`, `/stats`, `/api/info`, `/api/labels`, `/api/latents/{id}`,
 `/api/search?q=` and `/dashboard/` (the `nanosae viz` output, when given).
 """
@@ -123,6 +123,35 @@ def render_chat(tok: Tokenizer, messages: list[Message]) -> list[int]:
     return ids + [sp("<|assistant_start|>")]
 
 
+class TurnLock:
+    """A lock granted in arrival order. threading.Lock lets the thread that just released it take it straight
+    back, so one stream could run to its end while the others wait; taking turns makes them interleave."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = self._serving = 0  # the ticket handed out next, the ticket holding the lock
+
+    def __enter__(self) -> TurnLock:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        with self._cond:
+            return self._serving != self._next
+
+    def waiting(self) -> int:
+        """How many are queued behind the holder."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -149,7 +178,7 @@ class Runtime:
         if self.dashboard and not self.dashboard.is_dir():
             raise NanosaeError(f"{self.dashboard}: no such dashboard folder; pass the --out folder of nanosae viz")
         self.defaults = {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens, "top_n": 8}
-        self.lock = threading.Lock()
+        self.lock = TurnLock()
         self.counts = {"requests": 0, "active": 0, "tokens": 0}
         self.count_lock = threading.Lock()
         self.vocab = [tokenizer.id_to_token(i) for i in range(model.config.vocab_size)]

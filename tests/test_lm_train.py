@@ -2,7 +2,6 @@ import json
 import math
 import os
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -147,9 +146,7 @@ def test_cache_is_reused(trained, capsys):
     base, _ = trained
     model_file = next((base / "base_checkpoints" / "d4").glob("model_*.pt"))
     before = model_file.stat().st_mtime_ns
-    t = time.perf_counter()
     assert lm_train.ensure_tiny_model(TinyConfig(**TINY)) == base
-    assert time.perf_counter() - t < 5
     assert "reusing" in capsys.readouterr().out
     assert model_file.stat().st_mtime_ns == before
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from nanosae.generate import generate
 from nanosae.runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
-from nanosae.server import Message, Runtime, create_app, render_chat
+from nanosae.server import Message, Runtime, TurnLock, create_app, render_chat
 
 LABELS = {5: "<img src=x onerror=alert(1)> five", 12: "twelve"}
 
@@ -133,7 +133,7 @@ def test_non_json_body_is_a_400(server):
 
 
 def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
-    url, _ = server
+    url, rt = server
     model, tok, _ = d4
     sae, _ = hand_sae
     messages = [{"role": "user", "content": "Write a short poem."}]
@@ -151,22 +151,46 @@ def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
         for k, s in steers.items()
     }
     assert len({tuple(v) for v in expected.values()}) == 3  # the three steerings really differ
-    results, start = {}, threading.Barrier(3)
+    results = {}
 
     def client(name):
-        start.wait()
         results[name] = events(url, bodies[name])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in bodies]
-    for t in threads:
-        t.start()
+    with rt.lock:  # hold the model until all three requests queue for their first step
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while rt.lock.waiting() < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        assert rt.lock.waiting() == 3
     for t in threads:
         t.join(120)
+    assert set(results) == set(bodies)
     for k, evs in results.items():
         assert [i for e, _ in evs[:-1] for i in e["ids"]] == expected[k], k
         assert evs[-1][0]["steer"] == [str(s) for s in steers[k]]
     spans = [(evs[0][1], evs[-1][1]) for evs in results.values()]
-    assert max(s for s, _ in spans) < min(e for _, e in spans)  # the three streams really overlapped
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # the three streams took turns
+
+
+def test_turn_lock_serves_in_arrival_order():
+    lock, order = TurnLock(), []
+
+    def take(i):
+        with lock:
+            order.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(6)]
+    with lock:
+        assert lock.locked() and lock.waiting() == 0
+        for n, t in enumerate(threads, 1):
+            t.start()
+            while lock.waiting() < n:  # each queues before the next starts
+                time.sleep(0.001)
+    for t in threads:
+        t.join(10)
+    assert order == list(range(6)) and not lock.locked()
 
 
 def test_latent_info_and_search(server, d4, hand_sae):
