@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -424,7 +425,21 @@ class TrainingSAE(nn.Module):
         self.register_buffer("input_scale", torch.tensor(1.0))  # c: the SAE sees c * x
         self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c x - E[c x]|^2 of the init sample
         self.register_buffer("coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (moves with target_l0)
-        self.world_sum = lambda t: t  # sums a tensor over data-parallel ranks (the trainer sets it under DDP)
+        self.world = 1  # data-parallel ranks sharing each batch (the trainer sets it under DDP)
+
+    def world_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the data-parallel ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def world_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's t, concatenated in rank order."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor) -> None:
@@ -628,8 +643,9 @@ class TopKSAE(TrainingSAE):
 
 
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK: keep the B*k largest relu(pre) of the whole batch (k per token on average). Inference uses a
-    threshold θ instead, the EMA of the smallest kept value per batch, so it is saved as a JumpReLU SAE."""
+    """BatchTopK: keep the B*k largest relu(pre) of the whole batch (k per token on average; under DDP, of the
+    global batch). Inference uses a threshold θ instead, the EMA of the smallest kept value per batch, so it is
+    saved as a JumpReLU SAE."""
 
     inference_arch = "jumprelu"
 
@@ -647,10 +663,14 @@ class BatchTopKSAE(TopKSAE):
     def select(self, xs, dead_idx, k_aux):
         W = self.W_enc.detach()
         pre = torch.addmm(self.b_enc.detach() - self.b_dec.detach() @ W, xs, W)
-        top = pre.flatten().topk(self.cfg.k * xs.shape[0], sorted=False)
-        positive = top.values > 0
-        codes, order = sparse.flat_codes(top.indices[positive], xs.shape[0], self.d_sae)
-        pre_vals = top.values[positive][order]
+        n = self.cfg.k * xs.shape[0] * self.world  # B*k over the global batch
+        top = pre.flatten().topk(min(n, pre.numel()), sorted=False)
+        keep = top.values > 0
+        if self.world > 1:  # any rank may hold up to all n: the global n-th largest value is the cutoff
+            everyone = self.world_gather(top.values)
+            keep &= top.values >= everyone.topk(min(n, everyone.numel()), sorted=False).values.min()
+        codes, order = sparse.flat_codes(top.indices[keep], xs.shape[0], self.d_sae)
+        pre_vals = top.values[keep][order]
         if not k_aux:
             return codes, pre_vals, None, None
         aux_vals, i = pre.index_select(1, dead_idx).topk(k_aux, dim=-1)
@@ -658,12 +678,14 @@ class BatchTopKSAE(TopKSAE):
 
     def _extra(self, vals):
         kept = vals[vals > 0]
-        smallest = kept.min() if kept.numel() else vals.new_zeros(())
-        return {"min_kept": smallest.detach()}
+        smallest = kept.min().detach() if kept.numel() else vals.new_tensor(math.inf)
+        if self.world > 1:
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)  # the global batch's smallest kept value
+        return {"min_kept": smallest if smallest.isfinite() else vals.new_zeros(())}
 
     @torch.no_grad()
     def after_step(self, extra, world_size, l0, lr):
-        batch_min = extra["min_kept"].float() / world_size  # mean over ranks of each rank's smallest kept value
+        batch_min = extra["min_kept"].float() / world_size  # every rank reported the same value; stats summed it
         # a plain running mean until it would move slower than the EMA, so the start does not linger
         self.threshold_updates += 1
         self.threshold.lerp_(batch_min, max(self.cfg.threshold_rate, 1 / self.threshold_updates.item()))

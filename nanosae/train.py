@@ -154,23 +154,9 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad = torch.empty_like(p).copy_(g.view_as(p))  # in the parameter's own memory layout
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
-
-
 def _broadcast(module: torch.nn.Module) -> None:
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, 0)
-
-
-def _gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Every rank's rows, in rank order (the global batch), on every rank."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,9 +376,8 @@ class Trainer:
         self.runs = [
             _Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world) for s in cfg.saes
         ]
-        if self.world > 1:
-            for run in self.runs:
-                run.sae.world_sum = _all_reduce_sum
+        for run in self.runs:
+            run.sae.world = self.world
         names = [run.sae.cfg.name for run in self.runs]
         if len(set(names)) != len(names):
             raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
@@ -404,7 +389,7 @@ class Trainer:
 
     def init(self, x: torch.Tensor) -> None:
         """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's x belongs to."""
-        sample = _gather_rows(x, self.world)
+        sample = self.runs[0].sae.world_gather(x)  # every rank's rows: the global batch
         for run in self.runs:
             run.sae.init_from_sample(sample)
             run.sae.normalize_decoder()

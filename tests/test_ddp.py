@@ -15,7 +15,7 @@ from nanosae.sae import load_sae
 def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
     model, tok, _ = d4
     collect(model, tok, tmp_path / "cache", "blocks.1.resid_post", 8192, seq_len=64, progress=False)
-    args = ["train", "--activations", str(tmp_path / "cache"), "--arch", "topk,standard", "--k", "8",
+    args = ["train", "--activations", str(tmp_path / "cache"), "--arch", "topk,standard,batchtopk", "--k", "8",
             "--expansion", "4", "--sparsity-coeff", "0.3", "--no-resample", "--tokens", "8192", "--batch-size", "512",
             "--dead-tokens", "512", "--log-every", "4"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -32,9 +32,9 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "trained 2 SAE(s) on 8,192 tokens" in two.stdout  # printed once, by rank 0
+    assert "trained 3 SAE(s) on 8,192 tokens" in two.stdout  # printed once, by rank 0
 
-    for name in ("topk_k8_x4", "standard_l0.3_x4"):
+    for name in ("topk_k8_x4", "standard_l0.3_x4", "batchtopk_k8_x4"):
         a, b = load_sae(tmp_path / "one" / name), load_sae(tmp_path / "two" / name)
         for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.allclose(va, vb, rtol=1e-4, atol=1e-5 * va.abs().max().item()), (name, k)
@@ -43,7 +43,7 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     la, lb = log("one"), log("two")
-    assert len(la) == len(lb) == 8  # 16 steps, a line per 4 steps and SAE, written once
+    assert len(la) == len(lb) == 12  # 16 steps, a line per 4 steps and SAE, written once
     assert any(x["aux"] > 0 for x in la if x["sae"] == "topk_k8_x4")  # AuxK ran (dead latents), on both
     for x, y in zip(la, lb):
         assert x["sae"] == y["sae"] and abs(x["fvu"] - y["fvu"]) < 1e-4 and abs(x["aux"] - y["aux"]) < 1e-4
