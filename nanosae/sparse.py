@@ -76,11 +76,13 @@ def flat_codes(flat: torch.Tensor, n: int, d_sae: int) -> tuple[Codes, torch.Ten
     return _codes(flat % d_sae, flat // d_sae, n, d_sae), order
 
 
-def _topk(pre: torch.Tensor, k: int, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the k largest values and their columns (unsorted). The k chunks with the largest maxima hold them all
     (a chunk holding one of them has a maximum at least the k-th largest value, and at most k chunks do), so topk
-    runs on those k x chunk candidates instead of the whole row: 1.5x faster than torch.topk at d_sae 8192."""
+    runs on those k x chunk candidates instead of the whole row: 1.2-2x faster than torch.topk on CPU. Chunks of 8
+    measured fastest up to 128k columns, 32 above (d_sae 2k-32k, k 16-128, 2 cores)."""
     n, m = pre.shape
+    chunk = 8 if m <= 128 * k else 32
     if m % chunk or k * chunk * 2 > m:
         return pre.topk(k, dim=-1, sorted=False)
     chunks = pre.view(n, m // chunk, chunk)

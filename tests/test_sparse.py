@@ -1,5 +1,6 @@
 """The TopK-family sparse path: selection, decode and every gradient against the dense computation."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,13 +28,14 @@ def test_topk_select_matches_torch_topk_in_every_block():
     assert torch.isin(aux_idx, dead).all() and torch.equal(pre.gather(1, aux_idx), aux_vals)
 
 
-def test_chunked_topk_is_exact_even_with_ties():
+@pytest.mark.parametrize("m, k", [(512, 6), (3072, 32), (8192, 32), (2048, 128)])  # chunks of 8 and 32
+def test_chunked_topk_is_exact_even_with_ties(m, k):
     """Wide rows take the chunk-maxima shortcut; ties (a value repeated across chunks) must not lose an entry."""
     g = torch.Generator().manual_seed(0)
-    pre = (torch.randn(64, 512, generator=g) * 4).round() / 4  # coarse values: many ties
-    pre[:, 100:140] = 3.0  # a run of equal maxima spanning two chunks
-    vals, idx = sparse._topk(pre, 6)
-    ref = pre.topk(6, dim=-1).values
+    pre = (torch.randn(64, m, generator=g) * 4).round() / 4  # coarse values: many ties
+    pre[:, 100:140] = 3.0  # a run of equal maxima spanning several chunks
+    vals, idx = sparse._topk(pre, k)
+    ref = pre.topk(k, dim=-1).values
     assert torch.equal(vals.sort(-1).values, ref.sort(-1).values)
     assert torch.equal(pre.gather(1, idx), vals) and (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct
 
