@@ -77,18 +77,20 @@ def flat_codes(flat: torch.Tensor, n: int, d_sae: int) -> tuple[Codes, torch.Ten
 
 
 def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the k largest values and their columns (unsorted). The k chunks with the largest maxima hold them all
-    (a chunk holding one of them has a maximum at least the k-th largest value, and at most k chunks do), so topk
-    runs on those k x chunk candidates instead of the whole row: 1.2-2x faster than torch.topk on CPU. Chunks of 8
-    measured fastest up to 128k columns, 32 above (d_sae 2k-32k, k 16-128, 2 cores)."""
+    """Per row, the k largest values and their columns (unsorted). Split the columns into chunks; the k chunks with
+    the largest maxima hold them all (a chunk holding one of them has a maximum at least the k-th largest value,
+    and at most k chunks do), so topk runs on those k x chunk candidates instead of the whole row. Chunk c is the
+    strided set of columns c, c + C, c + 2C, ... so that its maximum is an elementwise max over contiguous rows.
+    1.3-2.5x faster than torch.topk on CPU; the chunk sizes are those measured fastest (d_sae 2k-32k, k 16-128)."""
     n, m = pre.shape
-    chunk = 8 if m <= 128 * k else 32
+    chunk = 4 if m < 32 * k else 8 if m < 256 * k else 16
     if m % chunk or k * chunk * 2 > m:
         return pre.topk(k, dim=-1, sorted=False)
-    chunks = pre.view(n, m // chunk, chunk)
-    best = chunks.amax(-1).topk(k, dim=-1, sorted=False).indices  # (n, k)
-    vals, j = chunks.gather(1, best[:, :, None].expand(n, k, chunk)).view(n, k * chunk).topk(k, dim=-1, sorted=False)
-    return vals, best.gather(1, j // chunk) * chunk + j % chunk
+    C = m // chunk
+    best = pre.view(n, chunk, C).amax(1).topk(k, dim=-1, sorted=False).indices  # (n, k) chunk ids
+    cols = (best[:, :, None] + C * torch.arange(chunk, device=pre.device)).view(n, k * chunk)
+    vals, j = pre.gather(1, cols).topk(k, dim=-1, sorted=False)
+    return vals, cols.gather(1, j)
 
 
 @torch.no_grad()
