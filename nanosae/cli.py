@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 
 from .errors import NanosaeError
@@ -622,8 +623,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keep_freed_memory() -> None:
+    """glibc hands freed blocks of a few MiB back to the OS, so every CPU forward page-faults its activations in
+    again. Keeping blocks up to 32 MiB (and up to 256 MiB of free heap) makes the tiny model's forward ~25% faster."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _keep_freed_memory()
     try:
         return args.func(args) or 0
     except NanosaeError as e:
