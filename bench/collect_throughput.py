@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=40, help="rows per round")
     ap.add_argument("--shard-tokens", type=int, default=2048, help="small shards, so writes overlap compute")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
