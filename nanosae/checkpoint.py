@@ -124,10 +124,10 @@ def _load_failure(e: Exception) -> str:
     msg = str(e)
     if m := re.search(r"Unsupported global: GLOBAL (\S+)", msg):
         return f"refused: the pickle asks for {m[1]} besides tensors (nanosae loads weights only)"
-    if "Weights only load failed" in msg or "zip archive" in msg or "invalid load key" in msg:
-        return "not a readable torch checkpoint (corrupt or truncated? copy it again)"
-    first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-    return f"cannot read as a torch checkpoint ({first[:200]})"
+    plain = "Weights only load failed" in msg or "zip archive" in msg or "invalid load key" in msg
+    # damaged bytes fail in many ways inside the unpickler (EOFError, IndexError, ...): all of them mean the same
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
+    return "not a readable torch checkpoint (corrupt or truncated? copy it again" + (")" if plain else f"; {first})")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -58,7 +58,10 @@ def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
     except FileNotFoundError:
         raise NanosaeError(f"{path}: tokenizer file not found (expected <base_dir>/tokenizer/tokenizer.pkl)") from None
     except Exception as e:  # any malformed or hostile pickle
-        raise NanosaeError(f"{path}: not a nanochat tokenizer pickle ({' '.join(str(e).split())[:200]})") from None
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise NanosaeError(
+            f"{path}: not a nanochat tokenizer pickle ({why}); copy tokenizer/ from the run again"
+        ) from None
     state = getattr(obj, "state", None)
     keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
     ok = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -260,7 +261,7 @@ def _setup(name: str, base: Path) -> tuple[Path, dict, list]:
         _write_meta(base, n_head=3, n_kv_head=3)
         return base, {}, [meta, "n_head"]
     if name == "corrupt_pt":
-        model.write_bytes(os.urandom(4096))
+        model.write_bytes(random.Random(0).randbytes(4096))
         return base, {}, [model, "corrupt"]
     if name == "truncated_pt":
         model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
@@ -337,6 +338,19 @@ def test_bad_input_gives_one_line_error_naming_the_file(base, name):
     with pytest.raises(NanosaeError) as e:
         load_model(path, **kwargs)
     _one_line_error(e, *names)
+
+
+def test_any_damaged_checkpoint_is_called_corrupt(tmp_path):
+    """Random bytes fail in many different places inside the unpickler; every one must read as a damaged file."""
+    from nanosae.checkpoint import read_state_dict
+
+    path = tmp_path / "model_000001.pt"
+    for seed in range(200):
+        rng = random.Random(seed)
+        path.write_bytes(rng.randbytes(rng.randint(1, 8192)))
+        with pytest.raises(NanosaeError) as e:
+            read_state_dict(path)
+        _one_line_error(e, path, "corrupt")
 
 
 def test_cli_prints_the_error_and_exits_2(tmp_path, capsys):
