@@ -193,6 +193,7 @@ class _Run:
 
     def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
+        sae.world = world  # its collectives (AuxK's variance, BatchTopK's cutoff) span the ranks
         c = sae.cfg
         # the TopK family's weight gradients reach Adam a block of latents at a time (_adam_rows), never as a dense
         # tensor; a gradient all-reduce or a global clip needs them whole, so those runs take the plain path. It pays
@@ -376,8 +377,6 @@ class Trainer:
         self.runs = [
             _Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world) for s in cfg.saes
         ]
-        for run in self.runs:
-            run.sae.world = self.world
         names = [run.sae.cfg.name for run in self.runs]
         if len(set(names)) != len(names):
             raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
