@@ -96,7 +96,7 @@ class _Stats:
         mb = (x64 * k[:, None]).sum(0) / nb1
         tss = (x64 - mb).pow(2).sum(-1)  # per token, about this batch's mean (the legacy EV's denominator)
         norm_in, norm_out = x.norm(dim=-1), xh.norm(dim=-1)
-        dot = (x * xh).sum(-1)
+        dot = (x64 * xh.to(F64)).sum(-1)  # in f64: the bias ratio divides by its batch sum, which can be near 0
         xh2_b, dot_b, sse_b = kept_sum(norm_out.pow(2)), kept_sum(dot), kept_sum(sse)
         # Chan et al.'s merge of (count, mean, sum of squared deviations): stable even with a large mean offset
         delta, tot = mb - self.mean, (self.n + nb).clamp_min(1)
