@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d4"
 BASE_DIR = FIXTURE / "base_dir"
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """Every test starts from the same global RNG state, whatever ran before it (order-independent draws)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(scope="session")
