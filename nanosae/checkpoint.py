@@ -2,11 +2,16 @@
 
 <base>/tokenizer/{tokenizer.pkl, token_bytes.pt}
 <base>/{base,chatsft,chatrl}_checkpoints/<tag>/model_<step:06d>.pt + meta_<step:06d>.json
+
+and Hugging Face folders of transformers' NanoChatForCausalLM (model_type "nanochat"): config.json,
+model.safetensors or shards named by model.safetensors.index.json, tokenizer.json. They are read with
+safetensors and json alone; transformers is never imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -17,12 +22,15 @@ import torch
 
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, sha256_file
-from .gpt import GENERATIONS, GPT, GPTConfig, detect_generation
+from .gpt import GENERATIONS, GPT, Generation, GPTConfig, detect_generation
 from .tokenizer import Tokenizer
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 _MODEL_RE = re.compile(r"model_(\d+)\.pt")
-_USAGE = "pass a checkpoint dir (…/base_checkpoints/d20), a nanochat base dir (~/.cache/nanochat) or a model_XXXXXX.pt"
+_USAGE = (
+    "pass a checkpoint dir (…/base_checkpoints/d20), a nanochat base dir (~/.cache/nanochat), a model_XXXXXX.pt "
+    "or a Hugging Face nanochat folder (config.json + model.safetensors)"
+)
 
 
 @dataclass
@@ -41,7 +49,7 @@ class ModelInfo:
 
     name: str
     path: str
-    step: int
+    step: int | None  # None for a Hugging Face folder, which records no step
     phase: str | None
     generation: str
     fingerprint: str
@@ -173,18 +181,19 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def build_model(
     sd: dict[str, torch.Tensor],
     config: GPTConfig,
-    generation: str,
+    generation: str | Generation,
     device="cpu",
     dtype=torch.float32,
     where="",
 ) -> GPT:
     """A GPT holding `sd` (checked key by key and shape by shape), in compute `dtype` on `device`."""
-    if generation not in GENERATIONS:
+    if isinstance(generation, str) and generation not in GENERATIONS:
         raise NanosaeError(f"unknown generation {generation!r}; choose one of {', '.join(GENERATIONS)}")
+    gen = GENERATIONS[generation] if isinstance(generation, str) else generation
     sd = dict(sd)
     if "transformer.wte.weight" not in sd:
         raise NanosaeError(f"{where}: no transformer.wte.weight; is this a nanochat checkpoint?")
-    if GENERATIONS[generation].lambdas and "resid_lambdas" not in sd:  # nanochat patches these the same way
+    if gen.lambdas and "resid_lambdas" not in sd:  # nanochat patches these the same way
         sd["resid_lambdas"] = torch.ones(config.n_layer)
         sd["x0_lambdas"] = torch.zeros(config.n_layer)
     wte = sd["transformer.wte.weight"]
@@ -196,14 +205,14 @@ def build_model(
         )
     try:
         with torch.device("meta"):
-            model = GPT(config, generation, padded_vocab=padded_vocab)
+            model = GPT(config, gen, padded_vocab=padded_vocab)
     except NanosaeError as e:
         raise NanosaeError(f"{where}: {e}") from None
     expected = model.state_dict()
     unknown, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
     if unknown or missing:
         raise NanosaeError(
-            f"{where}: keys do not fit a {generation!r} nanochat GPT with {config.n_layer} layers "
+            f"{where}: keys do not fit a {gen.name!r} nanochat GPT with {config.n_layer} layers "
             f"(unexpected: {unknown[:4]}, missing: {missing[:4]}); check the checkpoint or --generation"
         )
     for k, v in expected.items():
@@ -234,7 +243,12 @@ def load_model(
     generation: str | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> tuple[GPT, Tokenizer, dict]:
-    """Load a nanochat checkpoint: (model in eval mode, tokenizer, meta dict). The model carries `.info`."""
+    """Load a nanochat checkpoint or Hugging Face nanochat folder: (model in eval mode, tokenizer, meta dict).
+    The model carries `.info`."""
+    if (folder := hf_folder(path)) is not None:
+        return load_hf_model(
+            folder, step, phase=phase, device=device, dtype=dtype, generation=generation, tokenizer_dir=tokenizer_dir
+        )
     files = resolve(path, step, phase, tokenizer_dir)
     meta = read_meta(files.meta)
     config = config_from_meta(meta, files.meta)
@@ -257,6 +271,223 @@ def load_model(
         fingerprint=model_fingerprint(files.model),
     )
     return model, tokenizer, meta
+
+
+# ---------------------------------------------------------------------------- Hugging Face nanochat folders
+
+HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+# transformers' names of the block weights -> nanochat's
+_HF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn.c_q",
+    "self_attn.k_proj": "attn.c_k",
+    "self_attn.v_proj": "attn.c_v",
+    "self_attn.o_proj": "attn.c_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def hf_folder(path: str | os.PathLike) -> Path | None:
+    """The Hugging Face model folder `path` names (the folder, its config.json or a weights file), else None.
+    A folder holding model_XXXXXX.pt files stays a nanochat checkpoint dir even with a config.json beside them."""
+    p = Path(path).expanduser()
+    if p.is_file() and (p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json"))):
+        p = p.parent
+    return p if p.is_dir() and (p / "config.json").is_file() and not _steps(p) else None
+
+
+def _hf_name(folder: Path) -> str:
+    """The folder's name; for a hub cache snapshot (models--org--name/snapshots/<commit>) the repository's."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name
+
+
+def hf_architecture(cfg: dict, where: Path) -> tuple[GPTConfig, Generation, bool]:
+    """(config, generation, tied embeddings) for a transformers NanoChatConfig dict, with transformers' defaults
+    for absent keys. vocab_size is the embedding rows. What nanochat's GPT cannot compute is refused."""
+    if cfg.get("model_type") != "nanochat":
+        raise NanosaeError(
+            f"{where}: model_type is {cfg.get('model_type')!r}, not 'nanochat'; nanosae reads nanochat models "
+            "(transformers' NanoChatForCausalLM) only"
+        )
+
+    def get(key, default):
+        return default if cfg.get(key) is None else cfg[key]
+
+    sizes = {
+        "vocab_size": get("vocab_size", 50304),
+        "hidden_size": get("hidden_size", 768),
+        "intermediate_size": get("intermediate_size", 8192),
+        "num_hidden_layers": get("num_hidden_layers", 12),
+        "num_attention_heads": get("num_attention_heads", 6),
+        "max_position_embeddings": get("max_position_embeddings", 2048),
+    }
+    sizes["num_key_value_heads"] = get("num_key_value_heads", sizes["num_attention_heads"])
+    # transformers 5 writes rope_parameters; older configs kept rope_theta at the top and scaling in rope_scaling
+    rope = get("rope_parameters", None) or get("rope_scaling", None) or {}
+    cap = cfg.get("final_logit_softcapping", 15.0)  # absent: transformers' default; null: no softcap
+    reals = {
+        "rms_norm_eps": get("rms_norm_eps", 1e-6),
+        "rope_theta": rope.get("rope_theta", get("rope_theta", 10000.0)) if isinstance(rope, dict) else None,
+        "final_logit_softcapping": 1.0 if cap is None else cap,
+    }
+    bad = [k for k, v in sizes.items() if not (type(v) is int and v > 0)]
+    bad += [k for k, v in reals.items() if not (type(v) in (int, float) and (v > 0 or k == "rms_norm_eps" and v == 0))]
+    if bad:
+        raise NanosaeError(f"{where}: invalid values for {bad}; is this file corrupted?")
+    C, H, KV = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    unsupported = {
+        "hidden_act": get("hidden_act", "relu2") != "relu2",
+        "attention_bias": bool(get("attention_bias", False)),
+        "intermediate_size": sizes["intermediate_size"] != 4 * C,
+        "head_dim": get("head_dim", C // H) != C // H or C % H != 0 or H % KV != 0,
+        "rope_type": rope.get("rope_type", rope.get("type", "default")) != "default",
+    }
+    if any(unsupported.values()):
+        odd = [k for k, v in unsupported.items() if v]
+        raise NanosaeError(
+            f"{where}: {', '.join(odd)} differ from nanochat's architecture (relu2 MLP of width 4 x hidden_size, "
+            "no attention bias, head_dim = hidden_size / heads dividing by the key/value heads, plain RoPE); "
+            "nanosae reads nanochat models only"
+        )
+    config = GPTConfig(
+        sequence_len=sizes["max_position_embeddings"],
+        vocab_size=sizes["vocab_size"],
+        n_layer=sizes["num_hidden_layers"],
+        n_head=H,
+        n_kv_head=KV,
+        n_embd=C,
+    )
+    gen = dataclasses.replace(
+        GENERATIONS["hf"],
+        rope_base=float(reals["rope_theta"]),
+        softcap=0.0 if cap is None else float(cap),
+        norm_eps=float(reals["rms_norm_eps"]),
+    )
+    return config, gen, bool(get("tie_word_embeddings", False))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())  # from bytes, not mmap: see read_state_dict
+    except FileNotFoundError:
+        raise NanosaeError(f"{path}: missing; copy every weights file of the model") from None
+    except Exception:
+        raise NanosaeError(f"{path}: not a readable safetensors file (corrupt or truncated? copy it again)") from None
+
+
+def read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """(all tensors, the files they came from): model.safetensors, or the shards its index names."""
+    index = folder / HF_INDEX
+    if not index.is_file():
+        single = folder / HF_WEIGHTS
+        if not single.is_file():
+            raise NanosaeError(
+                f"{folder}: no {HF_WEIGHTS} or {HF_INDEX}; copy the weights too (saved with safetensors, "
+                "save_pretrained's default)"
+            )
+        return _read_safetensors(single), [single]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        ok = all(isinstance(k, str) and isinstance(f, str) and Path(f).name == f for k, f in weight_map.items())
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise NanosaeError(f"{index}: not a safetensors index (a weight_map of tensor -> shard file); copy it again")
+    files = [folder / f for f in sorted(set(weight_map.values()))]
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(_read_safetensors(f))
+    absent = [k for k in weight_map if k not in sd]
+    if absent:
+        raise NanosaeError(f"{index}: names tensors no shard holds ({absent[:3]}); copy the shards again")
+    return sd, files
+
+
+def hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig, tied: bool, where: Path) -> dict[str, torch.Tensor]:
+    """nanochat's names for transformers' NanoChatForCausalLM tensors, checked name by name and shape by shape."""
+    C, V = config.n_embd, config.vocab_size
+    kv = config.n_kv_head * (C // config.n_head)
+    shapes = {"model.embed_tokens.weight": (V, C)} | ({} if tied else {"lm_head.weight": (V, C)})
+    for i in range(config.n_layer):
+        block = {"q_proj": (C, C), "k_proj": (kv, C), "v_proj": (kv, C), "o_proj": (C, C)}
+        shapes |= {f"model.layers.{i}.self_attn.{k}.weight": v for k, v in block.items()}
+        shapes |= {f"model.layers.{i}.mlp.fc1.weight": (4 * C, C), f"model.layers.{i}.mlp.fc2.weight": (C, 4 * C)}
+    if tied:  # transformers uses the embedding as the unembedding, whatever the file holds
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    unknown, missing = sorted(set(sd) - set(shapes)), sorted(set(shapes) - set(sd))
+    if unknown or missing:
+        raise NanosaeError(
+            f"{where}: tensors do not fit the {config.n_layer}-layer nanochat model config.json describes "
+            f"(unexpected: {unknown[:4]}, missing: {missing[:4]}); the weights and config.json do not belong together"
+        )
+    for k, shape in shapes.items():
+        if tuple(sd[k].shape) != shape:
+            raise NanosaeError(
+                f"{where}: {k} has shape {tuple(sd[k].shape)} but config.json implies {shape}; the weights and "
+                "config.json do not belong together"
+            )
+    wte = sd["model.embed_tokens.weight"]
+    out = {"transformer.wte.weight": wte, "lm_head.weight": wte if tied else sd["lm_head.weight"]}
+    for k, v in sd.items():
+        if m := re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+)\.weight", k):
+            out[f"transformer.h.{m[1]}.{_HF_BLOCK_NAMES[m[2]]}.weight"] = v
+    return out
+
+
+def load_hf_model(
+    folder: Path,
+    step: int | None = None,
+    *,
+    phase: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    generation: str | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> tuple[GPT, Tokenizer, dict]:
+    """A folder of transformers' NanoChatForCausalLM as a GPT computing what transformers computes (the 'hf'
+    generation, with config.json's RoPE base, softcap and norm epsilon); meta holds config.json as `hf_config`."""
+    for flag, value in (("--step", step), ("--phase", phase)):
+        if value is not None:
+            raise NanosaeError(f"{folder}: a Hugging Face model folder holds one model; drop {flag}")
+    if generation not in (None, "hf"):
+        raise NanosaeError(
+            f"{folder}: a Hugging Face nanochat model runs transformers' architecture (generation 'hf'); "
+            f"drop --generation {generation}"
+        )
+    cfg_path = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NanosaeError(f"{cfg_path}: not valid JSON ({e}); copy it again") from None
+    if not isinstance(cfg, dict):
+        raise NanosaeError(f"{cfg_path}: not a model config (a JSON object); copy it again")
+    config, gen, tied = hf_architecture(cfg, cfg_path)
+    if tokenizer_dir is None and not (folder / "tokenizer.json").is_file():
+        raise NanosaeError(f"{folder}: no tokenizer.json; copy it from the model's repository or pass --tokenizer DIR")
+    tokenizer = Tokenizer.from_dir(tokenizer_dir or folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise NanosaeError(
+            f"{Path(tokenizer_dir or folder)}: the tokenizer has {tokenizer.vocab_size} tokens but {cfg_path} says "
+            f"vocab_size {config.vocab_size}; use the tokenizer this model was trained with"
+        )
+    sd, files = read_hf_weights(folder)
+    sd = hf_state_dict(sd, config, tied, folder)
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)  # rows beyond it: padding
+    model = build_model(sd, config, gen, device, dtype or default_dtype(device), where=str(folder))
+    prints = [model_fingerprint(f) for f in files]
+    size = sum(f.stat().st_size for f in files)
+    fingerprint = (
+        prints[0] if len(prints) == 1 else f"{size}-{hashlib.sha256(' '.join(prints).encode()).hexdigest()[:16]}"
+    )
+    model.info = ModelInfo(
+        name=_hf_name(folder), path=str(folder), step=None, phase=None, generation="hf", fingerprint=fingerprint
+    )
+    return model, tokenizer, {"model_config": dataclasses.asdict(config), "hf_config": cfg}
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: GPT, meta: dict) -> Path:

@@ -41,13 +41,14 @@ class Generation:
     rope_base: float
     rope_bf16: bool  # cos/sin tables rounded to bf16 even on CPU (until 2026-03-04)
     qk_scale: float  # q and k multiplied after QK-norm (1.0: none)
-    softcap: float
+    softcap: float  # logits = softcap * tanh(logits / softcap); 0: no cap
     lambdas: bool  # resid_lambdas / x0_lambdas mixing before every block
     windows: bool  # sliding windows from config.window_pattern
     short_window: Callable[[int], int]  # "S" window width from sequence_len
     ve_gate_in: int  # channels feeding the value-embedding gate (0: no value embeddings)
     ve_gate_mult: float
     smear: bool  # smear (previous-token mixing) and backout
+    norm_eps: float | None = None  # RMSNorm epsilon (None: finfo(dtype).eps, nanochat's F.rms_norm default)
 
 
 def _ceil128(div: int) -> Callable[[int], int]:
@@ -84,8 +85,13 @@ _VE12 = replace(
     ve_gate_mult=3.0,
 )
 _CURRENT = replace(_VE12, name="current", since="2026-03-14", qk_scale=1.2, short_window=_ceil128(4), smear=True)
+# transformers' NanoChatForCausalLM (model_type "nanochat"): v0's architecture with RoPE tables kept in fp32 and
+# RMSNorm epsilon 1e-6; its config.json may set the RoPE base, softcap and epsilon (checkpoint.py reads them)
+_HF = replace(_V0, name="hf", rope_bf16=False, norm_eps=1e-6)
 
-GENERATIONS: dict[str, Generation] = {g.name: g for g in (_V0, _LAMBDAS, _VE32, _SOFTCAP20, _FP32ROPE, _VE12, _CURRENT)}
+GENERATIONS: dict[str, Generation] = {
+    g.name: g for g in (_V0, _LAMBDAS, _VE32, _SOFTCAP20, _FP32ROPE, _VE12, _CURRENT, _HF)
+}
 SMEAR_CHANNELS = 24
 
 
@@ -102,9 +108,9 @@ def detect_generation(state_dict: dict[str, torch.Tensor], model_config: dict | 
     return "v0"
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    # parameter-free RMSNorm; eps=None means finfo(float32).eps, exactly as nanochat
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    # parameter-free RMSNorm; eps=None means finfo(dtype).eps, exactly as nanochat
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 class Linear(nn.Linear):
@@ -194,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             gate = self.gen.ve_gate_mult * torch.sigmoid(self.ve_gate(x[..., : self.gen.ve_gate_in]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)
+        q, k = norm(q, self.gen.norm_eps), norm(k, self.gen.norm_eps)
         if self.gen.qk_scale != 1.0:
             q, k = q * self.gen.qk_scale, k * self.gen.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -224,13 +230,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, ve, cos, sin, window, cache, layer, hook) -> torch.Tensor:
-        a = self.attn(norm(x), ve, cos, sin, window, cache, layer)
+        eps = self.attn.gen.norm_eps
+        a = self.attn(norm(x, eps), ve, cos, sin, window, cache, layer)
         if hook:
             a = hook("attn_out", a)
         x = x + a
         if hook:
             x = hook("resid_mid", x)
-        h = F.relu(self.mlp.c_fc(norm(x))).square()
+        h = F.relu(self.mlp.c_fc(norm(x, eps))).square()
         if hook:
             h = hook("mlp_hidden", h)
         m = self.mlp.c_proj(h)
@@ -246,16 +253,19 @@ class GPT(nn.Module):
     """nanochat's GPT. `hooks` maps a site name to functions f(activation, start_pos) -> replacement or None;
     hooks.py manages it."""
 
-    def __init__(self, config: GPTConfig, generation: str = "current", padded_vocab: int | None = None):
+    def __init__(
+        self, config: GPTConfig, generation: str | Generation = "current", padded_vocab: int | None = None
+    ) -> None:
         super().__init__()
-        if generation not in GENERATIONS:
+        if isinstance(generation, str) and generation not in GENERATIONS:
             raise NanosaeError(f"unknown generation {generation!r}; choose one of {', '.join(GENERATIONS)}")
         if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
             raise NanosaeError(f"n_embd ({config.n_embd}) must divide by n_head and n_head by n_kv_head")
         self.config = config
-        self.gen = gen = GENERATIONS[generation]
+        # a Generation object: constants read from a file (a Hugging Face config.json) rather than a named era
+        self.gen = gen = GENERATIONS[generation] if isinstance(generation, str) else generation
         if padded_vocab is None:
-            padded_vocab = config.vocab_size if gen.name == "v0" else math.ceil(config.vocab_size / 64) * 64
+            padded_vocab = config.vocab_size if gen.name in ("v0", "hf") else math.ceil(config.vocab_size / 64) * 64
         self.padded_vocab = padded_vocab
         L, C = config.n_layer, config.n_embd
         kv_dim = config.n_kv_head * (C // config.n_head)
@@ -386,7 +396,8 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, pos : pos + T].to(dtype), self.sin[:, pos : pos + T].to(dtype)
         hooks = self.hooks
 
-        x = norm(self.transformer.wte(idx).to(dtype))
+        eps = self.gen.norm_eps
+        x = norm(self.transformer.wte(idx).to(dtype), eps)
         if self.gen.smear:
             x = self._smear(x, kv_cache)
         if hooks:
@@ -420,12 +431,13 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
-        x = norm(x)
+        x = norm(x, eps)
         if hooks:
             x = self._run_hooks("final", x, pos)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()
         cap = self.gen.softcap
-        logits = cap * torch.tanh(logits / cap)
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
         return F.cross_entropy(

@@ -2,12 +2,16 @@
 
 The pickle is read by a restricted unpickler that admits only tiktoken's Encoding class and builds it from
 its plain-data state itself, so a crafted file can neither run code nor make tiktoken fetch an encoding.
+A Hugging Face model folder carries the same tokenizer as tokenizer.json (transformers converts the tiktoken
+Encoding to a byte-level BPE whose ids are the ranks); it is parsed back into a tiktoken Encoding here, without
+the `tokenizers` package.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import pickle
 from collections.abc import Iterable
@@ -77,6 +81,10 @@ def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
     )
     if not ok:
         raise NanosaeError(f"{path}: pickle does not hold a tiktoken Encoding state (name, pat_str, ranks, specials)")
+    return _encoding(path, **state)
+
+
+def _encoding(path: Path, **state) -> tiktoken.Encoding:
     missing = [t for t in SPECIAL_TOKENS if t not in state["special_tokens"]]
     if missing:
         raise NanosaeError(f"{path}: lacks nanochat's special tokens {missing}; is this a nanochat tokenizer?")
@@ -88,6 +96,81 @@ def load_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
         ) from None
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: the character that stands for each byte -> that byte.
+    Printable Latin-1 bytes stand for themselves; the others take the characters from U+0100 on, in order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+def _split_pattern(pre: object) -> str | None:
+    """The split regex of a pre-tokenizer that is a regex Split then a regex-free ByteLevel (what transformers'
+    tiktoken converter writes), else None."""
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, dict) for p in parts):
+        return None
+    split, byte_level = parts
+    regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
+    plain_split = split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+    plain_bytes = byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)
+    plain_bytes = plain_bytes and not byte_level.get("add_prefix_space")
+    return regex if isinstance(regex, str) and plain_split and plain_bytes else None
+
+
+def _merges_in_rank_order(model: dict) -> bool:
+    """tiktoken merges the pair whose joined token has the lowest id; a BPE merge list gives the same result when
+    each merge makes a token of an id no lower than the merge before it (as converted tiktoken ranks do)."""
+    vocab, prev = model["vocab"], -1
+    for m in model.get("merges") or []:
+        pair = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            return False
+        rank = vocab.get(pair[0] + pair[1])
+        if type(rank) is not int or rank < prev:
+            return False
+        prev = rank
+    return True
+
+
+def load_hf_encoding(path: str | os.PathLike) -> tiktoken.Encoding:
+    """A Hugging Face tokenizer.json holding nanochat's tokenizer, as the tiktoken Encoding it was converted from."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NanosaeError(f"{path}: not found; copy tokenizer.json from the model's repository") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NanosaeError(f"{path}: not valid JSON ({e}); copy tokenizer.json from the model again") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise NanosaeError(f"{path}: holds no BPE vocabulary; is this a nanochat model's tokenizer.json?")
+    pattern = _split_pattern(data.get("pre_tokenizer"))
+    extras = [
+        k for k in ("continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "dropout") if model.get(k)
+    ]
+    if pattern is None or data.get("normalizer") is not None or extras:
+        raise NanosaeError(
+            f"{path}: not a byte-level BPE split by one regex (as transformers converts nanochat's tokenizer.pkl); "
+            "nanosae cannot reproduce its encoding: convert the model's tokenizer.pkl instead"
+        )
+    alphabet = _byte_level_alphabet()
+    try:
+        ranks = {bytes(alphabet[c] for c in token): rank for token, rank in model["vocab"].items()}
+    except (KeyError, TypeError):
+        raise NanosaeError(f"{path}: its vocabulary is not byte-level BPE; is this a nanochat tokenizer?") from None
+    if not _merges_in_rank_order(model):
+        raise NanosaeError(
+            f"{path}: its merges are not in the order of the token ids, so tiktoken (which merges by id) would "
+            "encode differently; convert the model's tokenizer.pkl with transformers instead"
+        )
+    added = data.get("added_tokens") or []
+    specials = {t.get("content"): t.get("id") for t in added if isinstance(t, dict)}
+    if not all(isinstance(k, str) and type(v) is int for k, v in specials.items()):
+        raise NanosaeError(f"{path}: added_tokens entries need a content string and an integer id; copy it again")
+    return _encoding(path, name=path.parent.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
 class Tokenizer:
     """encode/decode, special tokens and chat rendering, producing exactly nanochat's token sequences."""
 
@@ -97,7 +180,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, tokenizer_dir: str | os.PathLike) -> Tokenizer:
-        return cls(load_encoding(Path(tokenizer_dir) / "tokenizer.pkl"))
+        """nanochat's tokenizer.pkl, or a Hugging Face tokenizer.json when the folder has only that."""
+        d = Path(tokenizer_dir)
+        if not (d / "tokenizer.pkl").exists() and (d / "tokenizer.json").is_file():
+            return cls(load_hf_encoding(d / "tokenizer.json"))
+        return cls(load_encoding(d / "tokenizer.pkl"))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
