@@ -122,6 +122,8 @@ def verify_sha256(path: str | os.PathLike, remedy: str, expected: str | None = N
     """Raise a one-line NanosaeError naming `path` and `remedy` unless the file's sha256 is `expected` or, without
     it, one that `<name>.sha256` beside it records. Nothing is changed on disk either way."""
     path = Path(path)
+    if not path.is_file():
+        raise NanosaeError(f"{path}: missing; {remedy}")
     side = checksum_path(path)
     recorded = [expected] if expected is not None else _recorded(side)
     if not recorded:

@@ -27,6 +27,10 @@ def test_checksum_is_written_beside_and_verified(tmp_path):
     checksum_path(p).unlink()
     with pytest.raises(NanosaeError, match=r"no checksum .*; fix it"):
         verify_sha256(p, "fix it")
+    verify_sha256(p, "fix it", expected=fileio.sha256_file(p))  # a digest kept elsewhere (a folder's manifest)
+    p.unlink()
+    with pytest.raises(NanosaeError, match=r"state.pt: missing; fix it"):
+        verify_sha256(p, "fix it", expected="0" * 64)
 
 
 @pytest.mark.parametrize("where", ["before the rename", "after the rename"])
