@@ -156,8 +156,8 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-class Runtime:
-    """What the app serves from: the model, tokenizer and SAE, the lock their steps share, and counters."""
+class ServedModel:
+    """The model, tokenizer and SAE the app serves, with the lock their steps share and the request counters."""
 
     def __init__(
         self,
@@ -306,7 +306,7 @@ class Runtime:
         yield _sse({"done": True, "tokens": n, "seed": seed, "steer": [str(s) for s in steers]})
 
 
-def create_app(rt: Runtime) -> FastAPI:
+def create_app(served: ServedModel) -> FastAPI:
     app = FastAPI(title="nanosae", docs_url=None, redoc_url=None)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     started = time.time()
@@ -324,60 +324,60 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/chat/completions")
     def chat_completions(req: ChatRequest):
-        steers = check_request(req, rt.sae.cfg.d_sae)
+        steers = check_request(req, served.sae.cfg.d_sae)
         return StreamingResponse(
-            rt.stream(rt.prompt(req), req, steers),
+            served.stream(served.prompt(req), req, steers),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1, **rt.info()}
+        return {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1, **served.info()}
 
     @app.get("/stats")
     def stats():
-        busy = 1 if rt.lock.locked() else 0
+        busy = 1 if served.lock.locked() else 0
         return {
             "total_workers": 1,
             "available_workers": 1 - busy,
             "busy_workers": busy,
-            "workers": [{"gpu_id": 0, "device": str(rt.model.device), "available": not busy}],
-            "active_requests": rt.counts["active"],
-            "requests": rt.counts["requests"],
-            "tokens_generated": rt.counts["tokens"],
+            "workers": [{"gpu_id": 0, "device": str(served.model.device), "available": not busy}],
+            "active_requests": served.counts["active"],
+            "requests": served.counts["requests"],
+            "tokens_generated": served.counts["tokens"],
             "uptime_s": round(time.time() - started, 1),
         }
 
     @app.get("/api/info")
     def info():
-        return rt.info()
+        return served.info()
 
     @app.get("/api/labels")
     def labels():
-        return {str(i): label for i, label in rt.labels.items()}
+        return {str(i): label for i, label in served.labels.items()}
 
     @app.get("/api/latents/{i}")
     def latent(i: int):
-        return rt.latent(i)
+        return served.latent(i)
 
     @app.get("/api/search")
     def search(q: str = ""):
         if len(q) > 200:
             raise _bad("search text too long (at most 200 characters)")
-        return {"query": q, "results": rt.search(q)}
+        return {"query": q, "results": served.search(q)}
 
-    if rt.dashboard is not None:
+    if served.dashboard is not None:
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/dashboard", StaticFiles(directory=rt.dashboard, html=True), name="dashboard")
+        app.mount("/dashboard", StaticFiles(directory=served.dashboard, html=True), name="dashboard")
     return app
 
 
-def serve(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    print(f"nanosae serve: http://{host}:{port}/  ({rt.info()['model']}, SAE at {rt.site}); Ctrl-C to stop")
+    print(f"nanosae serve: http://{host}:{port}/  ({served.info()['model']}, SAE at {served.site}); Ctrl-C to stop")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {host}, so other machines can reach this server; it has no authentication")
-    uvicorn.run(create_app(rt), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(served), host=host, port=port, log_level="warning")

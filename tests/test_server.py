@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from nanosae.generate import generate
 from nanosae.runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
-from nanosae.server import Message, Runtime, TurnLock, create_app, render_chat
+from nanosae.server import Message, ServedModel, TurnLock, create_app, render_chat
 
 LABELS = {5: "<img src=x onerror=alert(1)> five", 12: "twelve"}
 
@@ -22,17 +22,17 @@ def server(d4, hand_sae):
 
     model, tok, _ = d4
     sae, _ = hand_sae
-    rt = Runtime(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
+    served = ServedModel(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(rt), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", rt
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", served
     srv.should_exit = True
     thread.join(10)
     sock.close()
@@ -52,7 +52,7 @@ def events(url, body, timeout=60):
 
 
 def test_pages_health_and_stats(server):
-    url, rt = server
+    url, served = server
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and "<title>nanosae chat</title>" in page.text
     assert "<script src" not in page.text and "http" not in page.text  # self-contained, no CDN
@@ -66,7 +66,7 @@ def test_pages_health_and_stats(server):
 
 
 def test_stream_has_chat_web_shape_and_the_model_s_tokens(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -133,7 +133,7 @@ def test_non_json_body_is_a_400(server):
 
 
 def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     messages = [{"role": "user", "content": "Write a short poem."}]
@@ -157,13 +157,13 @@ def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
         results[name] = events(url, bodies[name])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in bodies]
-    with rt.lock:  # hold the model until all three requests queue for their first step
+    with served.lock:  # hold the model until all three requests queue for their first step
         for t in threads:
             t.start()
         deadline = time.time() + 60
-        while rt.lock.waiting() < 3 and time.time() < deadline:
+        while served.lock.waiting() < 3 and time.time() < deadline:
             time.sleep(0.01)
-        assert rt.lock.waiting() == 3
+        assert served.lock.waiting() == 3
     for t in threads:
         t.join(120)
     assert set(results) == set(bodies)
@@ -194,7 +194,7 @@ def test_turn_lock_serves_in_arrival_order():
 
 
 def test_latent_info_and_search(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     effects = logit_effects(model, residual_directions(model, sae))
@@ -226,7 +226,7 @@ def test_dashboard_links_and_units(d4, hand_sae, tmp_path):
     sae, _ = hand_sae
     (tmp_path / "index.html").write_text("<title>dash</title>")
     units = torch.arange(256, dtype=torch.float32)
-    client = TestClient(create_app(Runtime(model, tok, sae, units=units, dashboard=tmp_path)))
+    client = TestClient(create_app(ServedModel(model, tok, sae, units=units, dashboard=tmp_path)))
     info = client.get("/api/latents/9").json()
     assert info["unit"] == 9.0 and info["dashboard"].startswith("/dashboard/")
     assert client.get(info["dashboard"].split("#")[0]).text == "<title>dash</title>"
