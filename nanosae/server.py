@@ -1,12 +1,13 @@
 """The local web app: streaming chat with per-token SAE latents, steering, and latent search.
 
 `POST /chat/completions` keeps nanochat's former chat_web contract: JSON {messages: [{role, content}],
-temperature?, max_tokens?, top_k?}, streamed back as SSE lines `data: {"token": "...", "gpu": 0}` and
-finally `data: {"done": true}`, with its input limits. Token events also carry "ids" and "latents" (one
+temperature?, max_tokens?, top_k?, stream?: true}, streamed back as SSE lines `data: {"token": "...", "gpu": 0}`
+and finally `data: {"done": true}`, with its input limits. Token events also carry "ids" and "latents" (one
 [[latent, value], ...] list per id), and a request may add "steer" ([{latent, add | clamp | ablate}]),
-"only_generated", "seed" and "top_n"; old clients ignore them. Generations share one model and interleave
-token by token: each step runs, in turn, under a lock with that request's own hooks, so steering never leaks between
-clients. Also: `GET /` (the page), `/health`, `/stats`, `/api/info`, `/api/labels`, `/api/latents/{id}`,
+"only_generated", "seed" and "top_n"; old clients ignore them. A field the server does not know is a 400 naming
+it. A client that goes away frees its generation at once. Generations share one model and interleave token by
+token: each step runs, in turn, under a lock with that request's own hooks, so steering never leaks between clients.
+Also: `GET /` (the page), `/health`, `/stats`, `/api/info`, `/api/labels`, `/api/latents/{id}`,
 `/api/search?q=` and `/dashboard/` (the `nanosae viz` output, when given).
 """
 
@@ -24,7 +25,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from .chat import TextStream
 from .errors import NanosaeError
@@ -41,12 +42,15 @@ MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_K, MAX_TOP_K, MIN_MAX_TOKENS, MAX_MAX_
 MAX_STEERS, MAX_TOP_N = 64, 64
 
 
+# unknown fields are refused, not ignored: a typo ("max_token", "stear") would otherwise silently do nothing
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: str
     content: str
 
 
 class SteerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     latent: int
     add: float | None = None
     clamp: float | None = None
@@ -54,14 +58,37 @@ class SteerIn(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     messages: list[Message]
     temperature: float | None = None
     max_tokens: int | None = None
     top_k: int | None = None
+    stream: bool | None = None  # chat_web's first page sent stream: true; it only ever streams
     seed: int | None = None
     steer: list[SteerIn] = []
     only_generated: bool = False
     top_n: int | None = None
+
+
+def _field(loc: tuple) -> str:
+    """('body', 'steer', 0, 'scale') -> 'steer[0].scale'."""
+    out = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _unknown_fields(errors: list[dict]) -> str | None:
+    """One line naming every unknown field and what its object may hold, or None when there is none."""
+    unknown = [e["loc"] for e in errors if e.get("type") == "extra_forbidden"]
+    if not unknown:
+        return None
+    names = ", ".join(_field(loc) for loc in unknown)
+    parent = unknown[0][1] if len(unknown[0]) > 2 else None  # ('body', 'steer', 0, 'scale') -> 'steer'
+    what, model = {"steer": ("a steer", SteerIn), "messages": ("a message", Message)}.get(
+        parent, ("a request", ChatRequest)
+    )
+    return f"unknown field{'s' * (len(unknown) > 1)} {names}; {what} may hold {', '.join(model.model_fields)}"
 
 
 def _bad(detail: str) -> HTTPException:
@@ -70,6 +97,8 @@ def _bad(detail: str) -> HTTPException:
 
 def check_request(req: ChatRequest, d_sae: int) -> list[Steer]:
     """nanochat's chat_web checks, plus the steering's; returns the steers. Raises 400 with what to fix."""
+    if req.stream is False:
+        raise _bad("stream: this server only streams (server-sent events); leave stream out or set it true")
     if not req.messages:
         raise _bad("at least one message is required")
     if len(req.messages) > MAX_MESSAGES:
@@ -314,8 +343,11 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_json(request: Request, exc: RequestValidationError):
         # malformed bodies get one readable line, like the other 400s
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        errors = list(exc.errors())
+        if detail := _unknown_fields(errors):
+            return JSONResponse(status_code=400, content={"detail": detail})
+        first = errors[0] if errors else {}
+        where = _field(tuple(first.get("loc", ())))
         return JSONResponse(status_code=400, content={"detail": f"bad request: {where or 'body'}: {first.get('msg')}"})
 
     @app.get("/", response_class=HTMLResponse)

@@ -126,6 +126,41 @@ def test_bad_requests_get_clear_400s(server, body, message):
     assert message in r.json()["detail"]
 
 
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"messages": HI, "max_token": 5, "stear": [{"latent": 1, "add": 4}]}, ["max_token", "stear"]),
+        ({"messages": HI, "steer": [{"latent": 1, "add": 4, "scale": 100}]}, ["steer[0].scale"]),
+        ({"messages": [*HI, {"role": "user", "content": "x", "name": "bob"}]}, ["messages[1].name"]),
+        ({"messages": HI, "stream": False}, ["stream"]),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(server, body, named):
+    url, _ = server
+    r = httpx.post(f"{url}/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert all(n in detail for n in named) and "\n" not in detail, detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [  # what nanochat's chat_web page sent (nanochat/ui.html, 3a5e0bc of 2025-10-13 and later commits)
+        {"messages": HI, "stream": True, "temperature": 0.8, "max_tokens": 3},
+        {"messages": HI, "temperature": 0.8, "max_tokens": 3},
+        {"messages": HI, "temperature": 0.8, "top_k": 50, "max_tokens": 3},
+        {"messages": HI, "temperature": None, "top_k": None, "max_tokens": None},  # chat_web's optional fields
+    ],
+)
+def test_every_field_chat_web_clients_send_is_accepted(server, body):
+    url, _ = server
+    got = [e for e, _ in events(url, body)]
+    assert got[-1]["done"] is True and all("error" not in e for e in got)
+
+
 def test_non_json_body_is_a_400(server):
     url, _ = server
     r = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
