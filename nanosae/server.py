@@ -18,7 +18,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import torch
@@ -335,6 +335,22 @@ class ServedModel:
         yield _sse({"done": True, "tokens": n, "seed": seed, "steer": [str(s) for s in steers]})
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events from a generator that is closed the moment the response ends, also when the client
+    went away mid-stream: its generation stops, its KV cache and hooks are freed and /stats stops counting it
+    at once, rather than whenever the garbage collector reaches the abandoned generator."""
+
+    def __init__(self, events: Generator[str, None, None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.events.close()  # not running: the thread pool's next() finishes before a cancel lands
+
+
 def create_app(served: ServedModel) -> FastAPI:
     app = FastAPI(title="nanosae", docs_url=None, redoc_url=None)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
@@ -357,11 +373,7 @@ def create_app(served: ServedModel) -> FastAPI:
     @app.post("/chat/completions")
     def chat_completions(req: ChatRequest):
         steers = check_request(req, served.sae.cfg.d_sae)
-        return StreamingResponse(
-            served.stream(served.prompt(req), req, steers),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        return EventStream(served.stream(served.prompt(req), req, steers))
 
     @app.get("/health")
     def health():

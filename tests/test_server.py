@@ -1,28 +1,28 @@
+import contextlib
+import gc
 import json
 import socket
 import threading
 import time
+import types
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from nanosae.generate import generate
+from nanosae.generate import generate, generate_stream
 from nanosae.runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
 from nanosae.server import Message, ServedModel, TurnLock, create_app, render_chat
 
 LABELS = {5: "<img src=x onerror=alert(1)> five", 12: "twelve"}
 
 
-@pytest.fixture(scope="module")
-def server(d4, hand_sae):
-    """A live uvicorn on a free port, in a thread: (base url, runtime)."""
+@contextlib.contextmanager
+def live(served):
+    """A live uvicorn on a free port, in a thread: its base url."""
     import uvicorn
 
-    model, tok, _ = d4
-    sae, _ = hand_sae
-    served = ServedModel(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
@@ -32,10 +32,22 @@ def server(d4, hand_sae):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", served
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(d4, hand_sae):
+    """(base url, served model) of a live server shared by the tests of this module."""
+    model, tok, _ = d4
+    sae, _ = hand_sae
+    served = ServedModel(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
+    with live(served) as url:
+        yield url, served
 
 
 def events(url, body, timeout=60):
@@ -159,6 +171,44 @@ def test_every_field_chat_web_clients_send_is_accepted(server, body):
     url, _ = server
     got = [e for e, _ in events(url, body)]
     assert got[-1]["done"] is True and all("error" not in e for e in got)
+
+
+def _suspended_generations() -> int:
+    """Generators of a generation (nanosae.runtime / nanosae.generate) still holding a frame, so a KV cache."""
+    codes = {generate_tracked.__code__, generate_stream.__code__}
+    return sum(1 for o in gc.get_objects() if type(o) is types.GeneratorType and o.gi_code in codes and o.gi_frame)
+
+
+def test_a_client_that_goes_away_frees_its_generation_at_once(d4, hand_sae, monkeypatch):
+    model, tok, _ = d4
+    sae, _ = hand_sae
+    monkeypatch.setattr(tok, "stop_token_ids", lambda: [])  # only the disconnect can end this generation early
+    served = ServedModel(model, tok, sae)
+    body = json.dumps({"messages": HI, "max_tokens": 4096, "temperature": 1.0, "seed": 0}).encode()
+    room = model.cos.size(1) - len(render_chat(tok, [Message(**m) for m in HI]))
+    gc.disable()  # freed at once means without the cycle collector's help
+    try:
+        before = _suspended_generations()
+        with live(served) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+                head = "POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                seen = b""
+                while seen.count(b"data: ") < 2:
+                    seen += client.recv(4096)
+                assert httpx.get(f"{url}/stats").json()["active_requests"] == 1
+            deadline, stats = time.time() + 60, {}
+            while time.time() < deadline:
+                stats = httpx.get(f"{url}/stats").json()
+                if stats["active_requests"] == 0 and _suspended_generations() == before:
+                    break
+                time.sleep(0.05)
+            assert stats["active_requests"] == 0 and stats["requests"] == 1
+            assert _suspended_generations() == before  # the generator and with it the KV cache are gone
+            assert 2 <= stats["tokens_generated"] < min(4096, room)  # it stopped early, it did not run out
+    finally:
+        gc.enable()
 
 
 def test_non_json_body_is_a_400(server):
