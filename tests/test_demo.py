@@ -74,7 +74,7 @@ def test_demo_runs_every_stage_and_summarises(demo, capsys, monkeypatch, tmp_pat
                 time.sleep(0.2)
         assert health is not None and health["ready"] and health["dashboard"], proc.poll()
     finally:
-        proc.terminate()
+        proc.kill()  # SIGKILL: stops it whatever signals the suite's launcher left ignored
         proc.wait(30)
 
 
