@@ -69,3 +69,15 @@ def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path):
         f.write_text("x")
     assert remove_leftovers(tmp_path) == [dead]
     assert not dead.exists() and alive.exists() and all(f.exists() for f in user)
+
+
+def test_any_writer_sweeps_a_folder_on_its_first_write_there(tmp_path):
+    from nanosae.fileio import atomic_write_json
+
+    folder = tmp_path / "feature_stats"  # e.g. a viz killed while saving its statistics
+    folder.mkdir()
+    dead = folder / ".stats.safetensors.999999999.abcdefgh.tmp"
+    dead.write_bytes(b"half")
+    (folder / ".keep.tmp").write_text("user file")
+    atomic_write_json(folder / "key.json", {"any": "write"})
+    assert not dead.exists() and (folder / ".keep.tmp").exists()
