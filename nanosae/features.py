@@ -42,7 +42,7 @@ FINE_BINS = 256  # histogram resolution over [0, hi)
 RES_BINS = 32  # reservoir grid over [0, hi): interval edges snap to within max/32
 CORR_GROUP = 128  # correlated features are looked for among the latents of the same group (SAEDashboard's batch)
 STATS_VERSION = 2  # 2: the files carry sha256 checksums
-RECOMPUTE = "nothing was changed: compute them again with --recompute (or delete the folder)"
+RECOMPUTE = "nothing was changed: compute them again (nanosae viz --recompute) or delete the folder"
 
 
 @dataclass
