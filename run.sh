@@ -3,6 +3,8 @@
 # Each sets up .venv first (idempotent): torch 2.13.0 (CPU) is installed only when the venv has no torch,
 # so a GPU user's own torch is kept; then nanosae itself, editable, with test extras for `test`.
 set -euo pipefail
+# the CLI prints the commands to run next the way this user can type them (`bash run.sh` → ./run.sh)
+case "$0" in */*) export NANOSAE_COMMAND="$0" ;; *) export NANOSAE_COMMAND="./$0" ;; esac
 cd "$(dirname "$0")"
 VENV=${NANOSAE_VENV:-.venv}
 PYTHON=${PYTHON:-python3}

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .data import token_rows
 from .errors import NanosaeError
-from .fileio import atomic_write, atomic_write_json, sha256_file
+from .fileio import atomic_write, atomic_write_json, remove_leftovers, sha256_file
 from .gpt import GPT
 from .hooks import canonical_site, run_with_cache, saelens_hook_name, site_width
 from .tokenizer import Tokenizer
@@ -273,8 +273,7 @@ def _consolidate(out: Path, header: dict) -> dict:
         done, m = {}, {}
     for p in progress:
         done.update({e["index"]: e for e in _read_json(p).get("shards", [])})
-    for p in out.glob(".*.tmp"):  # leftovers of writes killed mid-way
-        p.unlink(missing_ok=True)
+    remove_leftovers(out)  # temp files of shard writes killed mid-way
     done = {i: e for i, e in done.items() if (out / e["file"]).is_file()}
     for e in done.values():
         _check_shard(out, e)

@@ -338,12 +338,12 @@ def cmd_chat(args) -> None:
 
 def cmd_serve(args) -> None:
     from .runtime import load_runtime
-    from .server import Runtime, serve
+    from .server import ServedModel, serve
 
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
-    rt = Runtime(model, tok, sae, units, labels, args.dashboard, args.temperature, args.top_k, args.max_tokens)
-    serve(rt, args.host, args.port)
+    served = ServedModel(model, tok, sae, units, labels, args.dashboard, args.temperature, args.top_k, args.max_tokens)
+    serve(served, args.host, args.port)
 
 
 def _feature_args(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,10 @@ Every stage reuses its result when run again with the same settings.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,9 +230,15 @@ def print_summary(s: dict) -> None:
     print(f"SAE       {files['sae']}  (SAELens folder; eval_core.json, eval_core_density.png)")
     print(f"dashboard {files['dashboard']}  (open in a browser, no server needed)")
     print(f"export    {files['neuronpedia']}  (Neuronpedia batches and bulk-import layout)")
-    print(
-        "explore   nanosae serve --model {} --sae {} --dashboard {}".format(
-            s["model_path"], files["sae"], str(Path(files["dashboard"]).parent)
-        )
-    )
+    dashboard = str(Path(files["dashboard"]).parent)
+    args = ["serve", "--model", s["model_path"], "--sae", files["sae"], "--dashboard", dashboard]
+    print(f"explore   {command()} {shlex.join(args)}")
     print(bar)
+
+
+def command() -> str:
+    """How the user can run nanosae from where they are: as run.sh was called (it says so in NANOSAE_COMMAND),
+    else `nanosae` when that is on PATH, else this Python with -m (a venv that was never activated)."""
+    if invoked := os.environ.get("NANOSAE_COMMAND"):
+        return shlex.quote(invoked)
+    return "nanosae" if shutil.which("nanosae") else f"{shlex.quote(sys.executable)} -m nanosae"

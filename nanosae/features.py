@@ -34,14 +34,15 @@ import torch
 from tqdm import tqdm
 
 from .errors import NanosaeError
-from .fileio import atomic_write, atomic_write_json, sha256_file
+from .fileio import atomic_write, atomic_write_json, sha256_file, verify_sha256
 from .hooks import parse_site, run_with_cache, sae_site
 from .sae import SAE
 
 FINE_BINS = 256  # histogram resolution over [0, hi)
 RES_BINS = 32  # reservoir grid over [0, hi): interval edges snap to within max/32
 CORR_GROUP = 128  # correlated features are looked for among the latents of the same group (SAEDashboard's batch)
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: the files carry sha256 checksums
+RECOMPUTE = "nothing was changed: compute them again (nanosae viz --recompute) or delete the folder"
 
 
 @dataclass
@@ -522,8 +523,8 @@ class FeatureStats:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / "stats.safetensors", lambda f: f.write(save(self.t)))
-        atomic_write_json(path / "meta.json", {**self.meta, "vocab": self.vocab}, indent=None)
+        atomic_write(path / "stats.safetensors", lambda f: f.write(save(self.t)), checksum=True)
+        atomic_write_json(path / "meta.json", {**self.meta, "vocab": self.vocab}, indent=None, checksum=True)
         return path
 
     @classmethod
@@ -531,11 +532,14 @@ class FeatureStats:
         from safetensors.torch import load_file
 
         path = Path(path)
+        files = [path / "meta.json", path / "stats.safetensors"]
+        if not all(f.is_file() for f in files):
+            raise NanosaeError(f"{path}: no feature statistics here (meta.json + stats.safetensors)")
+        for f in files:
+            verify_sha256(f, RECOMPUTE)
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            t = load_file(path / "stats.safetensors")
-        except FileNotFoundError:
-            raise NanosaeError(f"{path}: no feature statistics here (meta.json + stats.safetensors)") from None
+            meta = json.loads(files[0].read_text())
+            t = load_file(files[1])
         except Exception as e:
             raise NanosaeError(f"{path}: unreadable feature statistics ({e}); delete the folder to recompute") from None
         if meta.get("version") != STATS_VERSION:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from . import data
 from .checkpoint import load_model, save_checkpoint
 from .errors import NanosaeError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, pid_alive, sha256_file, verify_sha256
 from .generate import generate
 from .gpt import GPT, GPTConfig
 from .tokenizer import Tokenizer
@@ -435,6 +435,8 @@ def train(cfg: TinyConfig, out_dir: str | os.PathLike) -> dict:
         "seconds": {"tokenizer": t_tok, "data": t_data, "train": stats["train_seconds"]},
     }
     summary["seconds"]["total"] = time.perf_counter() - t0
+    # every file of the folder, so a reuse can check that none was damaged since
+    summary["sha256"] = {str(f.relative_to(out)): sha256_file(f) for f in sorted(out.rglob("*")) if f.is_file()}
     print(
         f"trained in {stats['train_seconds']:.0f}s ({stats['tokens_per_second']:.0f} tok/s, "
         f"{stats['gflops']:.0f} GFLOP/s of matmuls): train loss {stats['train_loss']:.3f}, "
@@ -454,14 +456,13 @@ def read_marker(base_dir: Path) -> dict | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _verify(base_dir: Path, marker: dict) -> None:
+    """Check every file against the sha256 the marker recorded when the folder was complete."""
+    remedy = f"nothing was changed: delete {base_dir} to train it again"
+    if not marker.get("sha256"):
+        raise NanosaeError(f"{base_dir / MARKER}: records no checksums (an older nanosae wrote it); {remedy}")
+    for name, digest in marker["sha256"].items():
+        verify_sha256(base_dir / name, remedy, expected=digest)
 
 
 def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -473,6 +474,7 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | No
     target = Path(out).expanduser() if out is not None else nanosae_home() / "tiny" / h
     marker = read_marker(target) if target.exists() else None
     if marker is not None and marker.get("hash") == h and not force:
+        _verify(target, marker)
         print(f"reusing the tiny model trained before at {target} (val bpb {marker['val_bpb']:.3f})")
         return target
     if target.exists() and any(target.iterdir()) and marker is None:
@@ -480,7 +482,7 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | No
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by killed runs
         pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

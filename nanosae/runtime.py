@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from .errors import NanosaeError
-from .features import direction_to_resid
-from .fileio import sha256_file
+from .features import RECOMPUTE, STATS_VERSION, direction_to_resid
+from .fileio import sha256_file, verify_sha256
 from .generate import generate_stream
 from .gpt import GPT
 from .hooks import add_hooks, sae_site
@@ -292,8 +292,10 @@ def read_units(sae_dir: str | os.PathLike) -> torch.Tensor | None:
     stats = Path(sae_dir) / "feature_stats"
     try:
         key = json.loads((stats / "key.json").read_text())
-        if key.get("sae") != sha256_file(Path(sae_dir) / "sae_weights.safetensors"):
-            return None
+        weights = sha256_file(Path(sae_dir) / "sae_weights.safetensors")
+        if key.get("sae") != weights or key.get("version") != STATS_VERSION:
+            return None  # statistics of other weights, or of an older nanosae
+        verify_sha256(stats / "stats.safetensors", RECOMPUTE)  # damaged units would scale every steer wrongly
         from safetensors import safe_open
 
         with safe_open(str(stats / "stats.safetensors"), "pt") as f:

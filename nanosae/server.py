@@ -1,12 +1,13 @@
 """The local web app: streaming chat with per-token SAE latents, steering, and latent search.
 
 `POST /chat/completions` keeps nanochat's former chat_web contract: JSON {messages: [{role, content}],
-temperature?, max_tokens?, top_k?}, streamed back as SSE lines `data: {"token": "...", "gpu": 0}` and
-finally `data: {"done": true}`, with its input limits. Token events also carry "ids" and "latents" (one
+temperature?, max_tokens?, top_k?, stream?: true}, streamed back as SSE lines `data: {"token": "...", "gpu": 0}`
+and finally `data: {"done": true}`, with its input limits. Token events also carry "ids" and "latents" (one
 [[latent, value], ...] list per id), and a request may add "steer" ([{latent, add | clamp | ablate}]),
-"only_generated", "seed" and "top_n"; old clients ignore them. Generations share one model and interleave
-token by token: each step runs, in turn, under a lock with that request's own hooks, so steering never leaks between
-clients. Also: `GET /` (the page), `/health`, `/stats`, `/api/info`, `/api/labels`, `/api/latents/{id}`,
+"only_generated", "seed" and "top_n"; old clients ignore them. A field the server does not know is a 400 naming
+it. A client that goes away frees its generation at once. Generations share one model and interleave token by
+token: each step runs, in turn, under a lock with that request's own hooks, so steering never leaks between clients.
+Also: `GET /` (the page), `/health`, `/stats`, `/api/info`, `/api/labels`, `/api/latents/{id}`,
 `/api/search?q=` and `/dashboard/` (the `nanosae viz` output, when given).
 """
 
@@ -17,14 +18,14 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from .chat import TextStream
 from .errors import NanosaeError
@@ -41,12 +42,15 @@ MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_K, MAX_TOP_K, MIN_MAX_TOKENS, MAX_MAX_
 MAX_STEERS, MAX_TOP_N = 64, 64
 
 
+# unknown fields are refused, not ignored: a typo ("max_token", "stear") would otherwise silently do nothing
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     role: str
     content: str
 
 
 class SteerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     latent: int
     add: float | None = None
     clamp: float | None = None
@@ -54,14 +58,37 @@ class SteerIn(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     messages: list[Message]
     temperature: float | None = None
     max_tokens: int | None = None
     top_k: int | None = None
+    stream: bool | None = None  # chat_web's first page sent stream: true; it only ever streams
     seed: int | None = None
     steer: list[SteerIn] = []
     only_generated: bool = False
     top_n: int | None = None
+
+
+def _field(loc: tuple) -> str:
+    """('body', 'steer', 0, 'scale') -> 'steer[0].scale'."""
+    out = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def _unknown_fields(errors: list[dict]) -> str | None:
+    """One line naming every unknown field and what its object may hold, or None when there is none."""
+    unknown = [e["loc"] for e in errors if e.get("type") == "extra_forbidden"]
+    if not unknown:
+        return None
+    names = ", ".join(_field(loc) for loc in unknown)
+    parent = unknown[0][1] if len(unknown[0]) > 2 else None  # ('body', 'steer', 0, 'scale') -> 'steer'
+    what, model = {"steer": ("a steer", SteerIn), "messages": ("a message", Message)}.get(
+        parent, ("a request", ChatRequest)
+    )
+    return f"unknown field{'s' * (len(unknown) > 1)} {names}; {what} may hold {', '.join(model.model_fields)}"
 
 
 def _bad(detail: str) -> HTTPException:
@@ -70,6 +97,8 @@ def _bad(detail: str) -> HTTPException:
 
 def check_request(req: ChatRequest, d_sae: int) -> list[Steer]:
     """nanochat's chat_web checks, plus the steering's; returns the steers. Raises 400 with what to fix."""
+    if req.stream is False:
+        raise _bad("stream: this server only streams (server-sent events); leave stream out or set it true")
     if not req.messages:
         raise _bad("at least one message is required")
     if len(req.messages) > MAX_MESSAGES:
@@ -156,8 +185,8 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-class Runtime:
-    """What the app serves from: the model, tokenizer and SAE, the lock their steps share, and counters."""
+class ServedModel:
+    """The model, tokenizer and SAE the app serves, with the lock their steps share and the request counters."""
 
     def __init__(
         self,
@@ -306,7 +335,23 @@ class Runtime:
         yield _sse({"done": True, "tokens": n, "seed": seed, "steer": [str(s) for s in steers]})
 
 
-def create_app(rt: Runtime) -> FastAPI:
+class EventStream(StreamingResponse):
+    """Server-sent events from a generator that is closed the moment the response ends, also when the client
+    went away mid-stream: its generation stops, its KV cache and hooks are freed and /stats stops counting it
+    at once, rather than whenever the garbage collector reaches the abandoned generator."""
+
+    def __init__(self, events: Generator[str, None, None]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.events.close()  # not running: the thread pool's next() finishes before a cancel lands
+
+
+def create_app(served: ServedModel) -> FastAPI:
     app = FastAPI(title="nanosae", docs_url=None, redoc_url=None)
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     started = time.time()
@@ -314,8 +359,11 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_json(request: Request, exc: RequestValidationError):
         # malformed bodies get one readable line, like the other 400s
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        errors = list(exc.errors())
+        if detail := _unknown_fields(errors):
+            return JSONResponse(status_code=400, content={"detail": detail})
+        first = errors[0] if errors else {}
+        where = _field(tuple(first.get("loc", ())))
         return JSONResponse(status_code=400, content={"detail": f"bad request: {where or 'body'}: {first.get('msg')}"})
 
     @app.get("/", response_class=HTMLResponse)
@@ -324,60 +372,56 @@ def create_app(rt: Runtime) -> FastAPI:
 
     @app.post("/chat/completions")
     def chat_completions(req: ChatRequest):
-        steers = check_request(req, rt.sae.cfg.d_sae)
-        return StreamingResponse(
-            rt.stream(rt.prompt(req), req, steers),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        steers = check_request(req, served.sae.cfg.d_sae)
+        return EventStream(served.stream(served.prompt(req), req, steers))
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1, **rt.info()}
+        return {"status": "ok", "ready": True, "num_gpus": 1, "available_workers": 1, **served.info()}
 
     @app.get("/stats")
     def stats():
-        busy = 1 if rt.lock.locked() else 0
+        busy = 1 if served.lock.locked() else 0
         return {
             "total_workers": 1,
             "available_workers": 1 - busy,
             "busy_workers": busy,
-            "workers": [{"gpu_id": 0, "device": str(rt.model.device), "available": not busy}],
-            "active_requests": rt.counts["active"],
-            "requests": rt.counts["requests"],
-            "tokens_generated": rt.counts["tokens"],
+            "workers": [{"gpu_id": 0, "device": str(served.model.device), "available": not busy}],
+            "active_requests": served.counts["active"],
+            "requests": served.counts["requests"],
+            "tokens_generated": served.counts["tokens"],
             "uptime_s": round(time.time() - started, 1),
         }
 
     @app.get("/api/info")
     def info():
-        return rt.info()
+        return served.info()
 
     @app.get("/api/labels")
     def labels():
-        return {str(i): label for i, label in rt.labels.items()}
+        return {str(i): label for i, label in served.labels.items()}
 
     @app.get("/api/latents/{i}")
     def latent(i: int):
-        return rt.latent(i)
+        return served.latent(i)
 
     @app.get("/api/search")
     def search(q: str = ""):
         if len(q) > 200:
             raise _bad("search text too long (at most 200 characters)")
-        return {"query": q, "results": rt.search(q)}
+        return {"query": q, "results": served.search(q)}
 
-    if rt.dashboard is not None:
+    if served.dashboard is not None:
         from fastapi.staticfiles import StaticFiles
 
-        app.mount("/dashboard", StaticFiles(directory=rt.dashboard, html=True), name="dashboard")
+        app.mount("/dashboard", StaticFiles(directory=served.dashboard, html=True), name="dashboard")
     return app
 
 
-def serve(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    print(f"nanosae serve: http://{host}:{port}/  ({rt.info()['model']}, SAE at {rt.site}); Ctrl-C to stop")
+    print(f"nanosae serve: http://{host}:{port}/  ({served.info()['model']}, SAE at {served.site}); Ctrl-C to stop")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"note: bound to {host}, so other machines can reach this server; it has no authentication")
-    uvicorn.run(create_app(rt), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(served), host=host, port=port, log_level="warning")

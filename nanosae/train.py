@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .errors import NanosaeError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, remove_leftovers, verify_sha256
 from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
 
 CHECKPOINT = "checkpoint.pt"
@@ -449,10 +449,13 @@ def read_checkpoint(out: str | Path) -> dict:
     path = Path(out) / CHECKPOINT
     if not path.is_file():
         raise NanosaeError(f"{path}: no checkpoint to resume from; start without --resume")
+    # torch.load checks no checksums: a flipped bit in a weight would resume silently into different results
+    verify_sha256(path, "nothing was changed: restore it from a copy, or delete it to train from the start")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise NanosaeError(f"{path}: unreadable checkpoint ({e}); delete it and start again without --resume") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise NanosaeError(f"{path}: unreadable checkpoint ({first}); delete it to train from the start") from None
 
 
 def changed_settings(cfg: TrainConfig, ckpt: dict) -> list[str]:
@@ -483,7 +486,7 @@ def _save_checkpoint(out: Path, trainer: Trainer, stream) -> None:
             "streams": streams,
             **trainer.state_dict(),
         }
-        atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f), checksum=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -554,7 +557,10 @@ def train(
         trainer.init(first)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    log = open(out / METRICS, "a") if rank == 0 else None
+        remove_leftovers(out)  # temp files of checkpoint writes killed mid-way
+        if ckpt is None and (out / METRICS).is_file():  # a run killed before its first checkpoint: start anew
+            print(f"note: replacing {out / METRICS} of an earlier run that stopped before its first checkpoint")
+    log = open(out / METRICS, "a" if ckpt is not None else "w") if rank == 0 else None
     meta = _meta(stream, cfg)
     steps = cfg.steps
     bar = tqdm(

@@ -20,6 +20,22 @@ FIXTURE = Path(__file__).parent / "fixtures" / "nanochat-d4"
 BASE_DIR = FIXTURE / "base_dir"
 
 
+# what nanosae reads from the environment: torchrun's variables (a test launched inside a distributed job would
+# wait for ranks that never come), API keys, the cache home (never the user's warm cache), how run.sh was called
+LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NANOSAE_HOME",
+              "NANOSAE_COMMAND", "OPENAI_API_KEY", "NEURONPEDIA_API_KEY")  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _environment_of_its_own(tmp_path_factory):
+    """Every test sees the same environment, whatever shell started the suite."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in LAUNCH_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("NANOSAE_HOME", str(tmp_path_factory.mktemp("nanosae_home")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_global_rng(request):
     """Every test starts from the same global RNG state, whatever ran before it (order-independent draws)."""

@@ -132,14 +132,15 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(d4, cache, tmp_path, m
         collect(model, tok, out, SITE, TOKENS, **SETTINGS)
     monkeypatch.setattr(activations._ShardWriter, "_write", real)
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    (out / ".shard_00002.safetensors.x1.tmp").write_bytes(b"half a shard")  # killed mid-write
+    (out / ".shard_00002.safetensors.999999999.a1b2c3d4.tmp").write_bytes(b"half a shard")  # its writer was killed
+    (out / ".notes.tmp").write_text("not ours")
     (out / "shard_00003.safetensors").write_bytes(b"written but never recorded")
     with pytest.raises(NanosaeError, match="incomplete"):
         cache_stream(out, 8)
     forwards, site_acts = [], activations._site_acts
     monkeypatch.setattr(activations, "_site_acts", lambda *a: forwards.append(1) or site_acts(*a))
     collect(model, tok, out, SITE, TOKENS, **SETTINGS)
-    assert not list(out.glob(".*.tmp")) and not list(out.glob("progress-*"))
+    assert [p.name for p in out.glob(".*.tmp")] == [".notes.tmp"] and not list(out.glob("progress-*"))
     assert json.loads((out / "manifest.json").read_text())["shards"] == load_manifest(cache)["shards"]
     for name in ("shard_00000.safetensors", "shard_00003.safetensors"):
         assert (out / name).read_bytes() == (cache / name).read_bytes()

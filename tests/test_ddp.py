@@ -1,5 +1,6 @@
-"""Data-parallel training: `torchrun --nproc_per_node=2 -m nanosae train` (gloo, CPU) ends with the same weights as
-one process on the same global batches."""
+"""Data-parallel training: `torchrun --nproc_per_node=2 -m nanosae train` (gloo, CPU) runs the same steps on the same
+global batches as one process: over this short run the weights agree up to float rounding (the ranks reduce sums in
+another order, so over long runs an occasional top-k choice can flip and the runs part)."""
 
 import json
 import os

@@ -2,8 +2,16 @@
 a finished run, and the errors a user can cause."""
 
 import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nanosae.cli import main
@@ -20,8 +28,19 @@ def demo(tmp_path_factory):
     return out, ["demo", "--model", str(BASE_DIR), "--out", str(out), *SMALL]
 
 
-def test_demo_runs_every_stage_and_summarises(demo, capsys):
+def _without_nanosae_on_path(monkeypatch, tmp_path) -> dict:
+    """The environment of someone who ran ./run.sh or a venv's python without activating the venv."""
+    empty = tmp_path / "bin"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.delenv("NANOSAE_COMMAND", raising=False)
+    monkeypatch.setenv("PATH", f"{empty}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert shutil.which("nanosae") is None
+    return dict(os.environ)
+
+
+def test_demo_runs_every_stage_and_summarises(demo, capsys, monkeypatch, tmp_path):
     out, argv = demo
+    env = _without_nanosae_on_path(monkeypatch, tmp_path)
     assert main(argv) == 0
     printed = capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
@@ -37,7 +56,61 @@ def test_demo_runs_every_stage_and_summarises(demo, capsys):
     assert set(s["seconds"]) == {"model", "collect", "train", "eval", "features", "dashboard", "export", "total"}
     for f in s["striking"]:  # what the summary names is what the statistics hold
         assert f["top_tokens"] and 0 < f["purity"] <= 1 and f["density"] > 0
-    assert "explained variance" in printed and f"nanosae serve --model {BASE_DIR}" in printed
+    assert "explained variance" in printed
+    # the last line is a command that runs as printed, from another folder, with no nanosae on PATH
+    explore = printed.strip().splitlines()[-2]
+    assert explore.startswith("explore   ") and f"serve --model {BASE_DIR}" in explore
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*shlex.split(explore.removeprefix("explore")), "--port", str(port)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline, health = time.time() + 120, None
+        while health is None and proc.poll() is None and time.time() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health is not None and health["ready"] and health["dashboard"], proc.poll()
+    finally:
+        proc.kill()  # SIGKILL: stops it whatever signals the suite's launcher left ignored
+        proc.wait(30)
+
+
+def test_the_explore_line_names_the_command_as_the_user_ran_it(monkeypatch, tmp_path):
+    from nanosae.demo import command
+
+    _without_nanosae_on_path(monkeypatch, tmp_path)
+    assert shlex.split(command()) == [sys.executable, "-m", "nanosae"]
+    monkeypatch.setenv("NANOSAE_COMMAND", "../nano sae/run.sh")  # what run.sh exports: how it was called
+    assert shlex.split(command()) == ["../nano sae/run.sh"]
+    monkeypatch.delenv("NANOSAE_COMMAND")
+    on_path = tmp_path / "bin" / "nanosae"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    assert command() == "nanosae"
+
+
+def test_run_sh_tells_the_cli_how_it_was_called(tmp_path):
+    """run.sh, called by a relative path from another folder, hands the CLI that path (in NANOSAE_COMMAND)."""
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"  # a stand-in venv: a python with torch, set-up stamps, a nanosae that shows its env
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    stamp = subprocess.run(f"cat {repo / 'pyproject.toml'} | cksum", shell=True, capture_output=True, text=True)
+    (venv / f".nanosae-setup-{stamp.stdout.split()[0]}").touch()
+    (venv / "bin" / "nanosae").write_text('#!/bin/sh\necho "$NANOSAE_COMMAND|$*"\n')
+    (venv / "bin" / "nanosae").chmod(0o755)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    rel = os.path.relpath(repo / "run.sh", cwd)
+    env = {**os.environ, "NANOSAE_VENV": str(venv)}
+    got = subprocess.run(["bash", rel, "demo", "--k", "8"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip().splitlines()[-1] == f"{rel}|demo --k 8"
+    got = subprocess.run(["bash", "run.sh", "demo"], cwd=repo, env=env, capture_output=True, text=True)
+    assert got.stdout.strip().splitlines()[-1] == "./run.sh|demo"  # `bash run.sh` users type ./run.sh
 
 
 def test_demo_reuses_a_finished_run(demo, capsys):

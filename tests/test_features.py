@@ -268,3 +268,29 @@ def test_mlp_hidden_site_and_cache(d4, tmp_path, monkeypatch):
     assert again.vocab == stats.vocab and isinstance(again, FeatureStats)
     with pytest.raises(BaseException, match="recomputed"):
         load_or_compute(model, tok, sae, tmp_path / "sae", None, FeatureConfig(n_tokens=256, seq_len=64))
+
+
+def test_damaged_saved_statistics_are_refused_and_left_as_they_are(d4, tmp_path):
+    from nanosae.runtime import load_runtime
+
+    model, tok, _ = d4
+    sae = make_sae("topk", site="blocks.1.resid_post", d_in=128, d_sae=64)
+    sae.save(tmp_path / "sae")
+    cfg = FeatureConfig(n_tokens=512, seq_len=64)
+    load_or_compute(model, tok, sae, tmp_path / "sae", None, cfg, progress=False)
+    path = tmp_path / "sae" / "feature_stats" / "stats.safetensors"
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")  # after safetensors' length-prefixed JSON header
+    raw[(data_start + len(raw)) // 2] ^= 0x40  # one bit in the middle of the tensor data
+    path.write_bytes(bytes(raw))
+    for read in (
+        lambda: load_or_compute(model, tok, sae, tmp_path / "sae", None, cfg, progress=False),
+        lambda: FeatureStats.load(tmp_path / "sae" / "feature_stats"),
+        lambda: load_runtime(tmp_path / "sae", model),  # the steering units come from these statistics
+    ):
+        with pytest.raises(NanosaeError, match=r"stats.safetensors: damaged \(its sha256 differs.*--recompute"):
+            read()
+    assert path.read_bytes() == bytes(raw)  # nothing was overwritten
+    (tmp_path / "sae" / "feature_stats" / "meta.json.sha256").unlink()
+    with pytest.raises(NanosaeError, match=r"meta.json: no checksum"):
+        FeatureStats.load(tmp_path / "sae" / "feature_stats")

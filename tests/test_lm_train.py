@@ -263,3 +263,22 @@ def test_speed_probe_keeps_the_fastest_setting():
         assert probe.plan == [] and run_probe(probe, {(1, fp): 0.1}) == [None] * 20
     finally:
         torch.set_num_threads(n)
+
+
+def test_a_damaged_cached_model_is_refused_and_left_as_it_is(trained, tmp_path, capsys):
+    import shutil
+
+    base, _ = trained
+    copy = tmp_path / "tiny"
+    shutil.copytree(base, copy)
+    cfg = TinyConfig(**TINY)
+    assert lm_train.ensure_tiny_model(cfg, out=copy) == copy  # intact: reused
+    model = copy / "base_checkpoints" / "d4" / f"model_{TINY['steps']:06d}.pt"
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    model.write_bytes(bytes(raw))
+    with pytest.raises(NanosaeError, match=r"model_000120.pt: damaged \(its sha256 differs.*train it again"):
+        lm_train.ensure_tiny_model(cfg, out=copy)
+    argv = ["train-lm", "--out", str(copy)] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert cli_main(argv) == 2 and "model_000120.pt: damaged" in capsys.readouterr().err
+    assert model.read_bytes() == bytes(raw)  # nothing was overwritten

@@ -4,10 +4,11 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from nanosae.errors import NanosaeError
-from nanosae.fileio import sha256_file
+from nanosae.features import STATS_VERSION
+from nanosae.fileio import atomic_write, sha256_file
 from nanosae.generate import generate
 from nanosae.hooks import capture, sae_site
 from nanosae.runtime import (
@@ -228,8 +229,10 @@ def test_load_runtime_reads_units_and_labels(d4, hand_sae, tmp_path):
     stats = folder / "feature_stats"
     stats.mkdir()
     maxes = torch.rand(256)
-    save_file({"max": maxes, "density": torch.rand(256)}, stats / "stats.safetensors")
-    (stats / "key.json").write_text(json.dumps({"sae": sha256_file(folder / "sae_weights.safetensors")}))
+    data = save({"max": maxes, "density": torch.rand(256)})
+    atomic_write(stats / "stats.safetensors", lambda f: f.write(data), checksum=True)  # as FeatureStats.save does
+    key = {"sae": sha256_file(folder / "sae_weights.safetensors"), "version": STATS_VERSION}
+    (stats / "key.json").write_text(json.dumps(key))
     _, units, labels = load_runtime(folder, model)
     assert torch.equal(units, maxes) and labels == {3: "three"}
     (stats / "key.json").write_text(json.dumps({"sae": "stale"}))  # statistics of other weights are not used

@@ -1,41 +1,53 @@
+import contextlib
+import gc
 import json
 import socket
 import threading
 import time
+import types
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from nanosae.generate import generate
+from nanosae.generate import generate, generate_stream
 from nanosae.runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
-from nanosae.server import Message, Runtime, TurnLock, create_app, render_chat
+from nanosae.server import Message, ServedModel, TurnLock, create_app, render_chat
 
 LABELS = {5: "<img src=x onerror=alert(1)> five", 12: "twelve"}
 
 
-@pytest.fixture(scope="module")
-def server(d4, hand_sae):
-    """A live uvicorn on a free port, in a thread: (base url, runtime)."""
+@contextlib.contextmanager
+def live(served):
+    """A live uvicorn on a free port, in a thread: its base url."""
     import uvicorn
 
-    model, tok, _ = d4
-    sae, _ = hand_sae
-    rt = Runtime(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(rt), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", rt
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(d4, hand_sae):
+    """(base url, served model) of a live server shared by the tests of this module."""
+    model, tok, _ = d4
+    sae, _ = hand_sae
+    served = ServedModel(model, tok, sae, labels=LABELS, temperature=0.0, max_tokens=16)
+    with live(served) as url:
+        yield url, served
 
 
 def events(url, body, timeout=60):
@@ -52,7 +64,7 @@ def events(url, body, timeout=60):
 
 
 def test_pages_health_and_stats(server):
-    url, rt = server
+    url, served = server
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and "<title>nanosae chat</title>" in page.text
     assert "<script src" not in page.text and "http" not in page.text  # self-contained, no CDN
@@ -66,7 +78,7 @@ def test_pages_health_and_stats(server):
 
 
 def test_stream_has_chat_web_shape_and_the_model_s_tokens(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -126,6 +138,79 @@ def test_bad_requests_get_clear_400s(server, body, message):
     assert message in r.json()["detail"]
 
 
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"messages": HI, "max_token": 5, "stear": [{"latent": 1, "add": 4}]}, ["max_token", "stear"]),
+        ({"messages": HI, "steer": [{"latent": 1, "add": 4, "scale": 100}]}, ["steer[0].scale"]),
+        ({"messages": [*HI, {"role": "user", "content": "x", "name": "bob"}]}, ["messages[1].name"]),
+        ({"messages": HI, "stream": False}, ["stream"]),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(server, body, named):
+    url, _ = server
+    r = httpx.post(f"{url}/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert all(n in detail for n in named) and "\n" not in detail, detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [  # what nanochat's chat_web page sent (nanochat/ui.html, 3a5e0bc of 2025-10-13 and later commits)
+        {"messages": HI, "stream": True, "temperature": 0.8, "max_tokens": 3},
+        {"messages": HI, "temperature": 0.8, "max_tokens": 3},
+        {"messages": HI, "temperature": 0.8, "top_k": 50, "max_tokens": 3},
+        {"messages": HI, "temperature": None, "top_k": None, "max_tokens": None},  # chat_web's optional fields
+    ],
+)
+def test_every_field_chat_web_clients_send_is_accepted(server, body):
+    url, _ = server
+    got = [e for e, _ in events(url, body)]
+    assert got[-1]["done"] is True and all("error" not in e for e in got)
+
+
+def _suspended_generations() -> int:
+    """Generators of a generation (nanosae.runtime / nanosae.generate) still holding a frame, so a KV cache."""
+    codes = {generate_tracked.__code__, generate_stream.__code__}
+    return sum(1 for o in gc.get_objects() if type(o) is types.GeneratorType and o.gi_code in codes and o.gi_frame)
+
+
+def test_a_client_that_goes_away_frees_its_generation_at_once(d4, hand_sae, monkeypatch):
+    model, tok, _ = d4
+    sae, _ = hand_sae
+    monkeypatch.setattr(tok, "stop_token_ids", lambda: [])  # only the disconnect can end this generation early
+    served = ServedModel(model, tok, sae)
+    body = json.dumps({"messages": HI, "max_tokens": 4096, "temperature": 1.0, "seed": 0}).encode()
+    room = model.cos.size(1) - len(render_chat(tok, [Message(**m) for m in HI]))
+    gc.disable()  # freed at once means without the cycle collector's help
+    try:
+        before = _suspended_generations()
+        with live(served) as url:
+            port = int(url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+                head = "POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                seen = b""
+                while seen.count(b"data: ") < 2:
+                    seen += client.recv(4096)
+                assert httpx.get(f"{url}/stats").json()["active_requests"] == 1
+            deadline, stats = time.time() + 60, {}
+            while time.time() < deadline:
+                stats = httpx.get(f"{url}/stats").json()
+                if stats["active_requests"] == 0 and _suspended_generations() == before:
+                    break
+                time.sleep(0.05)
+            assert stats["active_requests"] == 0 and stats["requests"] == 1
+            assert _suspended_generations() == before  # the generator and with it the KV cache are gone
+            assert 2 <= stats["tokens_generated"] < min(4096, room)  # it stopped early, it did not run out
+    finally:
+        gc.enable()
+
+
 def test_non_json_body_is_a_400(server):
     url, _ = server
     r = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
@@ -133,7 +218,7 @@ def test_non_json_body_is_a_400(server):
 
 
 def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     messages = [{"role": "user", "content": "Write a short poem."}]
@@ -157,13 +242,13 @@ def test_concurrent_clients_keep_their_own_steering(server, d4, hand_sae):
         results[name] = events(url, bodies[name])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in bodies]
-    with rt.lock:  # hold the model until all three requests queue for their first step
+    with served.lock:  # hold the model until all three requests queue for their first step
         for t in threads:
             t.start()
         deadline = time.time() + 60
-        while rt.lock.waiting() < 3 and time.time() < deadline:
+        while served.lock.waiting() < 3 and time.time() < deadline:
             time.sleep(0.01)
-        assert rt.lock.waiting() == 3
+        assert served.lock.waiting() == 3
     for t in threads:
         t.join(120)
     assert set(results) == set(bodies)
@@ -194,7 +279,7 @@ def test_turn_lock_serves_in_arrival_order():
 
 
 def test_latent_info_and_search(server, d4, hand_sae):
-    url, rt = server
+    url, served = server
     model, tok, _ = d4
     sae, _ = hand_sae
     effects = logit_effects(model, residual_directions(model, sae))
@@ -226,7 +311,7 @@ def test_dashboard_links_and_units(d4, hand_sae, tmp_path):
     sae, _ = hand_sae
     (tmp_path / "index.html").write_text("<title>dash</title>")
     units = torch.arange(256, dtype=torch.float32)
-    client = TestClient(create_app(Runtime(model, tok, sae, units=units, dashboard=tmp_path)))
+    client = TestClient(create_app(ServedModel(model, tok, sae, units=units, dashboard=tmp_path)))
     info = client.get("/api/latents/9").json()
     assert info["unit"] == 9.0 and info["dashboard"].startswith("/dashboard/")
     assert client.get(info["dashboard"].split("#")[0]).text == "<title>dash</title>"

@@ -5,6 +5,10 @@ import copy
 import json
 import os
 import signal
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -108,10 +112,11 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_is_bitwise_equal(uninterrupted, tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under nohup or in a background job
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path), _stream(lambda s: _Faulty(s, 13, "sigint")), progress=False)
     assert read_checkpoint(tmp_path)["step"] == 13 and "continue with --resume" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
     train(_cfg(tmp_path), _stream(), resume=True, progress=False)
     _assert_same_run(uninterrupted, tmp_path)
 
@@ -126,6 +131,67 @@ def test_resume_after_a_crash_continues_from_the_last_periodic_checkpoint(uninte
         train(_cfg(tmp_path, checkpoint_every=5, tokens=40 * 128), _stream(), resume=True, progress=False)
     train(_cfg(tmp_path, checkpoint_every=5), _stream(), resume=True, progress=False)
     _assert_same_run(uninterrupted, tmp_path)  # metrics past step 15 were dropped and logged again
+
+
+def _flip_an_exponent_bit(path: Path) -> None:
+    """Flip the top exponent bit of a float32 in the middle of the largest tensor record of a torch zip file."""
+    with zipfile.ZipFile(path) as z:
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", raw, rec.header_offset + 26)  # the local file header
+    at = rec.header_offset + 30 + name_len + extra_len + (rec.file_size // 2) // 4 * 4 + 3
+    raw[at] ^= 0x40  # little-endian: the fourth byte holds the sign and the top exponent bits
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_refused_and_left_as_it_is(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path), _stream(lambda s: _Faulty(s, 13, "sigint")), progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    _flip_an_exponent_bit(ckpt)
+    damaged, metrics = ckpt.read_bytes(), (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(NanosaeError, match=r"checkpoint.pt: damaged \(its sha256 differs") as e:
+        train(_cfg(tmp_path), _stream(), resume=True, progress=False)
+    assert "\n" not in str(e.value) and "restore it from a copy" in str(e.value)
+    assert ckpt.read_bytes() == damaged and (tmp_path / "metrics.jsonl").read_bytes() == metrics  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256", "metrics.jsonl"]
+    capsys.readouterr()
+    argv = ["train", "--activations", "unused", "--resume", "--out", str(tmp_path)]
+    assert main(argv) == 2 and "checkpoint.pt: damaged" in capsys.readouterr().err  # one line from the command
+    (tmp_path / "checkpoint.pt.sha256").unlink()  # a checkpoint nothing vouches for is not trusted either
+    with pytest.raises(NanosaeError, match="no checksum"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_fresh_start_replaces_the_metrics_of_a_run_killed_before_its_first_checkpoint(uninterrupted, tmp_path):
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(_cfg(tmp_path), _stream(lambda s: _Faulty(s, 18, "crash")), progress=False)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3 * 4  # steps 5, 10, 15 of four SAEs
+    with pytest.raises(NanosaeError, match="no checkpoint to resume from; start without --resume"):
+        train(_cfg(tmp_path), _stream(), resume=True, progress=False)
+    train(_cfg(tmp_path), _stream(), progress=False)
+    _assert_same_run(uninterrupted, tmp_path)  # one record: steps 5, 10, ..., 30, each once
+
+
+def test_a_run_removes_temp_files_that_a_kill_left_and_nothing_else(tmp_path):
+    # a real kill -9 in the middle of writing the checkpoint
+    code = (
+        "import os, signal, sys\n"
+        "from nanosae.fileio import atomic_write\n"
+        "def write(f):\n"
+        "    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkpoint.pt")], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob(".checkpoint.pt.*.tmp")
+    live = tmp_path / f".metrics.jsonl.{os.getpid()}.abcd_123.tmp"  # a write in flight in a live process
+    mine = [tmp_path / n for n in (".notes.tmp", "draft.tmp", ".plan.7.tmp", ".a.b.12.tmp")]
+    for p in [live, *mine]:
+        p.write_text("keep me")
+    train(_cfg(tmp_path, checkpoint_every=10), _stream(), progress=False)
+    assert not left.exists() and live.exists() and all(p.read_text() == "keep me" for p in mine)
+    assert sorted(tmp_path.glob(".*.tmp")) == sorted([live, *(p for p in mine if p.name.startswith("."))])
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
