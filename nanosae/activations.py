@@ -36,6 +36,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .data import token_rows
+from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, sha256_file
 from .gpt import GPT
@@ -124,12 +125,6 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
         stop.set()
         while not q.empty():
             q.get_nowait()
-
-
-def _dist_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier(world: int) -> None:
@@ -311,7 +306,7 @@ def collect(
     seq_len = seq_len or model.config.sequence_len
     if not 2 <= seq_len <= model.cos.size(1):
         raise NanosaeError(f"seq_len {seq_len} is out of range; this model takes 2..{model.cos.size(1)}")
-    rank, world = _dist_rank()
+    rank, world = dist_info()
     out = Path(out)
     name, fingerprint = model_identity(model)
     dtype_name = _dtype_name(dtype)
@@ -659,7 +654,7 @@ class ModelStream(ActivationStream):
         ids = self._fill_tokens(bid[0])
         batches = ids.split(self.forward_rows)
         with torch.no_grad():
-            if self.world_size > 1 and _dist_rank() == (self.rank, self.world_size):
+            if self.world_size > 1 and dist_info() == (self.rank, self.world_size):
                 acts = self._gathered(batches)
             else:
                 acts = [_site_acts(self.model, b, self.site) for b in batches]

@@ -114,25 +114,11 @@ def _token_count(s: str) -> int:
 
 
 def cmd_collect(args) -> None:
-    import os
-
-    import torch.distributed as dist
-
     from .activations import collect
-    from .hooks import site_name
+    from .distributed import torchrun_group
 
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if own_group:  # under torchrun: each rank collects its share of the shards
-        if args.device.startswith("cuda"):
-            import torch
-
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
-        if args.layer is None and "." not in args.site and args.site not in ("embed", "final"):
-            raise NanosaeError(f"--site {args.site} needs --layer (or pass a full site like blocks.3.{args.site})")
-        site = args.site if args.layer is None else site_name(args.layer, args.site)
+    site = _site(args)
+    with torchrun_group(args.device) as args.device:  # under torchrun each rank collects its share of the shards
         model, tok, _ = _load(args)
         collect(
             model,
@@ -147,9 +133,15 @@ def cmd_collect(args) -> None:
             shard_tokens=args.shard_tokens,
             keep_bos=args.keep_bos,
         )
-    finally:
-        if own_group:
-            dist.destroy_process_group()
+
+
+def _site(args) -> str:
+    """The site that --layer and --site name together (--site alone may be a full name: blocks.3.mlp_out)."""
+    from .hooks import site_name
+
+    if args.layer is None and "." not in args.site and args.site not in ("embed", "final"):
+        raise NanosaeError(f"--site {args.site} needs --layer (or pass a full site like blocks.3.{args.site})")
+    return args.site if args.layer is None else site_name(args.layer, args.site)
 
 
 def _floats(s: str) -> list[float]:
@@ -171,7 +163,6 @@ def _train_config(args):
     matters to the TopK family, the coefficient only to the others, so duplicates collapse)."""
     import itertools
 
-    from .hooks import site_name
     from .sae import SAETrainConfig
     from .train import TrainConfig
 
@@ -210,9 +201,9 @@ def _train_config(args):
         )
     if args.activations and (args.model or args.layer is not None):
         raise NanosaeError("--activations trains on the cache's own model and site; drop --model/--layer")
-    if not args.activations and (not args.model or (args.layer is None and "." not in args.site)):
+    if not args.activations and not args.model:
         raise NanosaeError("pass --model and --layer (streams from the model) or --activations DIR (a collected cache)")
-    site = "" if args.activations else args.site if args.layer is None else site_name(args.layer, args.site)
+    site = "" if args.activations else _site(args)
     return TrainConfig(
         saes=saes,
         tokens=args.tokens,
@@ -241,25 +232,15 @@ def _train_config(args):
 
 
 def cmd_train(args) -> None:
-    import os
-
-    import torch
-    import torch.distributed as dist
-
+    from .distributed import dist_info, torchrun_group
     from .train import TrainConfig, read_checkpoint, train
 
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if own_group:  # under torchrun: data-parallel, each rank trains on its share of every batch
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
-        if args.resume:  # the saved settings, so the run continues exactly
-            cfg = TrainConfig.from_dict({**read_checkpoint(args.out)["config"], "out": args.out, "device": args.device})
-        else:
-            cfg = _train_config(args)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if args.resume:  # the saved settings, so the run continues exactly
+        cfg = TrainConfig.from_dict({**read_checkpoint(args.out)["config"], "out": args.out, "device": args.device})
+    else:
+        cfg = _train_config(args)
+    with torchrun_group(cfg.device) as cfg.device:  # under torchrun: each rank trains on its share of every batch
+        rank, world = dist_info()
         if cfg.activations:
             from .activations import cache_stream
 
@@ -299,9 +280,6 @@ def cmd_train(args) -> None:
             eval_fn = make_train_eval(model, tok, cfg.data, n_tokens=8192)
 
         train(cfg, stream_fn, eval_fn=eval_fn, resume=args.resume)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
 
 
 def _steers(args) -> list:

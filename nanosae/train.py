@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text
 from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
@@ -135,13 +136,6 @@ class TensorStream:
 
 # ---------------------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops on one process)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
