@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import sys
 
 from .errors import NanosaeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with prefix matching off, for the command and every subcommand: `--target` must not be read as
+    `--target-l0`, and a flag added later must not change what an old abbreviation meant. An unknown flag is
+    refused by the subcommand it was given to, naming its closest flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        if unknown:
+            flags = list(self._option_string_actions)
+            close = {}  # the flags an abbreviation would have meant, then look-alikes (typos)
+            for u in unknown:
+                for m in ([f for f in flags if f.startswith(u)] + difflib.get_close_matches(u, flags, 3, 0.6))[:3]:
+                    close[m] = None
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -433,7 +456,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanosae", description="Sparse autoencoders for nanochat models.")
+    parser = _Parser(prog="nanosae", description="Sparse autoencoders for nanochat models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole pipeline: tiny model (or --model) -> SAE -> eval -> dashboard -> export")
