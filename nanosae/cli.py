@@ -14,13 +14,20 @@ from .errors import NanosaeError
 class _Parser(argparse.ArgumentParser):
     """argparse with prefix matching off, for the command and every subcommand: `--target` must not be read as
     `--target-l0`, and a flag added later must not change what an old abbreviation meant. An unknown flag is
-    refused by the subcommand it was given to, naming its closest flags."""
+    refused by the subcommand it was given to, naming its closest flags. `args.given` holds the dests the command
+    line set itself (the others hold defaults): without abbreviations a flag is given exactly when it is written
+    out, as `--flag` or `--flag=value`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
 
     def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
         namespace, extras = super().parse_known_args(args, namespace)
+        flags = args[: args.index("--")] if "--" in args else args  # after "--" come positionals only
+        written = {a.split("=", 1)[0] for a in flags if a.startswith("-")}
+        given = {self._option_string_actions[f].dest for f in written if f in self._option_string_actions}
+        namespace.given = getattr(namespace, "given", set()) | given
         unknown = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
         if unknown:
             flags = list(self._option_string_actions)
@@ -270,15 +277,95 @@ def _train_config(args):
     )
 
 
+def _resume_config(args):
+    """The saved config of the run in --out, with the flags given on this command line (args.given): --tokens (a
+    new length: more extends the run, finished or not), --log-every, --checkpoint-every, --eval-every and --device
+    take effect; any other flag must agree with the saved run. A flag left out means the saved value: args is
+    filled in with them, so the model and site load as for a new run."""
+    import dataclasses
+
+    from .sae import SAETrainConfig
+    from .train import TrainConfig, changed_settings, read_checkpoint
+
+    ckpt = read_checkpoint(args.out)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    for dest, value in _saved_flags(saved).items():
+        if dest not in args.given:
+            setattr(args, dest, value)
+    # a source given replaces the saved one (rather than meeting it in one command line)
+    if "site" in args.given and "layer" not in args.given and ("." in args.site or args.site in ("embed", "final")):
+        args.layer = None  # a full site name needs no layer
+    if "activations" in args.given and not args.given & {"model", "layer"}:
+        args.model = args.layer = None
+    if "model" in args.given and "activations" not in args.given:
+        args.activations = None
+    asked = _train_config(args)
+    sae_flags = {f.name for f in dataclasses.fields(SAETrainConfig)}
+    if not args.given & sae_flags:
+        asked.saes = saved.saes  # exactly as saved (a run made in Python may have SAEs no flags can describe)
+    differ = [k for k in changed_settings(asked, ckpt) if k != "tokens"]
+    if differ:
+        raise NanosaeError(
+            f"--resume continues {args.out} with its saved settings, and these flags differ from it: "
+            f"{_describe(differ, asked, saved, args.given)}; drop them, or give another --out to train a new run"
+        )
+    return asked
+
+
+def _saved_flags(saved) -> dict:
+    """The flag values that would have trained `saved` (a TrainConfig): what --resume reads for a flag not given."""
+    import dataclasses
+
+    from .hooks import parse_site
+
+    flags = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.name not in ("saes", *SOURCE)}
+    layer, kind = parse_site(saved.site) if saved.site else (None, "resid_post")
+    flags.update(
+        model=saved.model or None,
+        step=saved.model_step,
+        phase=saved.phase,
+        tokenizer=saved.tokenizer,
+        generation=saved.generation,
+        device=saved.device,
+        layer=layer,
+        site=kind,
+        data=saved.data or "builtin",
+        seq_len=saved.seq_len,
+        activations=saved.activations or None,
+    )
+    for f in dataclasses.fields(saved.saes[0]):
+        values = [getattr(s, f.name) for s in saved.saes]
+        if f.name == "sparsity_coeff":  # only the non-TopK SAEs took it (see _train_config)
+            values = [v for v, s in zip(values, saved.saes) if s.arch not in ("topk", "batchtopk")] or [None]
+        flags[f.name] = list(dict.fromkeys(values)) if f.name in SWEEP else values[0]
+    return flags
+
+
+def _describe(differ: list[str], asked, saved, given: set[str]) -> str:
+    """The flags behind the settings `differ` (changed_settings' names), each with its saved value."""
+    if "saes" in differ:  # name the SAE settings that differ
+        pairs = list(zip(asked.saes, saved.saes)) if len(asked.saes) == len(saved.saes) else []
+        fields = {k for a, b in pairs for k, v in vars(a).items() if getattr(b, k) != v} or set(SWEEP) & given
+        differ = sorted(set(differ) - {"saes"} | fields)
+    flags, parts = {**_saved_flags(saved), "model_step": saved.model_step, "site": saved.site}, []
+    for k in differ:
+        values = flags[k] if isinstance(flags[k], list) else [flags[k]]
+        shown = ",".join(
+            "default" if v in (None, "", ()) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+            for v in values
+        )
+        flag = {"model_step": "--step", "site": "--layer/--site"}.get(k, "--" + k.replace("_", "-"))
+        parts.append(f"{flag} (saved {shown})")
+    return ", ".join(parts)
+
+
 def cmd_train(args) -> None:
     from .distributed import dist_info, torchrun_group
-    from .train import TrainConfig, read_checkpoint, train
+    from .train import train
 
-    if args.resume:  # the saved settings, so the run continues exactly
-        cfg = TrainConfig.from_dict({**read_checkpoint(args.out)["config"], "out": args.out, "device": args.device})
-    else:
-        cfg = _train_config(args)
+    cfg = _resume_config(args) if args.resume else _train_config(args)
     with torchrun_group(cfg.device) as cfg.device:  # under torchrun: each rank trains on its share of every batch
+        args.device = cfg.device  # the model loads there too
         rank, world = dist_info()
         if cfg.activations:
             from .activations import cache_stream
@@ -287,16 +374,8 @@ def cmd_train(args) -> None:
                 return cache_stream(cfg.activations, cfg.batch_size, cfg.seed, rank, world, state)
         else:
             from .activations import model_stream
-            from .checkpoint import load_model
 
-            model, tok, _ = load_model(
-                cfg.model,
-                cfg.model_step,
-                phase=cfg.phase,
-                device=cfg.device,
-                generation=cfg.generation,
-                tokenizer_dir=cfg.tokenizer,
-            )
+            model, tok, _ = _load(args)
 
             def stream_fn(state):
                 return model_stream(
@@ -510,7 +589,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     _site_flags(p)
     p.add_argument("--activations", default=None, help="a cache folder from nanosae collect (instead of --model)")
     p.add_argument("--out", required=True, help="run folder: the SAE (or one subfolder per SAE), metrics, checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out; flags left out keep the saved values, --tokens sets a new length",
+    )
     g = p.add_argument_group("SAEs (comma lists train one SAE per combination)")
     b_dec_init = {"choices": ["geometric_median", "mean", "zero"]}
     d_sae = {"help": "number of latents (overrides --expansion)"}

@@ -457,8 +457,17 @@ def changed_settings(cfg: TrainConfig, ckpt: dict) -> list[str]:
 
 
 def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
-    if changed := changed_settings(cfg, ckpt):
+    # a resume may also change the length (tokens): more extend the run, finished or not, and the schedules (LR
+    # warm-up and decay, λ warm-up, resampling, the default dead-latent window) follow the new length from the step
+    # the run stands at. A finished run has decayed its LR to ~0: extended, it goes back to the full LR, then
+    # decays again over the last lr_decay_frac of the new length.
+    if changed := [k for k in changed_settings(cfg, ckpt) if k != "tokens"]:
         raise NanosaeError(f"--resume with different settings ({', '.join(changed)}); resume with the saved ones")
+    if cfg.steps < ckpt["step"]:
+        raise NanosaeError(
+            f"--tokens {cfg.tokens:,} is fewer than the {ckpt['step'] * cfg.batch_size:,} tokens this run has "
+            "trained; resume with as many or more"
+        )
     if len(ckpt["streams"]) != world:
         raise NanosaeError(
             f"the checkpoint was written by {len(ckpt['streams'])} ranks; resume with as many, not {world}"

@@ -3,14 +3,20 @@ flags of a config are made from its dataclass (types, defaults, help)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import shutil
+from pathlib import Path
 
-from nanosae.cli import _from_flags, _train_config, build_parser
+import pytest
+import torch
+
+from nanosae.cli import _from_flags, _train_config, build_parser, main
 from nanosae.demo import DemoConfig
+from nanosae.errors import NanosaeError
 from nanosae.features import FeatureConfig
 from nanosae.lm_train import TinyConfig
-from nanosae.sae import SAETrainConfig
-from nanosae.train import TrainConfig
+from nanosae.sae import SAETrainConfig, load_sae
+from nanosae.train import TrainConfig, read_checkpoint
 
 SAE, MODEL = ["--sae", "s"], ["--model", "m"]
 
@@ -112,6 +118,13 @@ def test_bad_flag_values_are_argparse_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_train_reads_global_sites_without_a_layer(capsys):
+    assert _train_config(parse("train", *MODEL, "--site", "embed", "--out", "o")).site == "embed"
+    assert _train_config(parse("train", *MODEL, "--site", "blocks.2.mlp_out", "--out", "o")).site == "blocks.2.mlp_out"
+    with pytest.raises(NanosaeError, match="--site mlp_out needs --layer"):
+        _train_config(parse("train", *MODEL, "--site", "mlp_out", "--out", "o"))
+
+
 def test_comma_lists_train_one_sae_per_combination():
     args = parse("train", "--activations", "a", "--out", "o", "--arch", "topk,standard", "--k", "8,16",
                  "--sparsity-coeff", "1,2", "--expansion", "2")  # fmt: skip
@@ -128,3 +141,84 @@ def test_help_is_the_fields_comment(capsys):
     assert "--lr LR default: 2e-4 / sqrt(d_sae / 2^14)" in text  # a comment's "None: …" reads "default: …"
     assert "resampling of dead latents at 20/40/60/80% of training" in text  # a % in a comment survives argparse
     assert "--tokens TOKENS training tokens (steps = tokens // batch_size) (default 2,000,000)" in text
+
+
+# --resume with other flags: small runs streamed from the fixture model (steps of 512 tokens)
+
+BASE_DIR = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
+RUN = f"--model {BASE_DIR} --layer 1 --seq-len 64 --batch-size 512 --expansion 2 --log-every 2"
+FIRST = f"train {RUN} --k 8 --tokens 4096 --lr-decay-frac 0.5"  # 8 steps, the LR decays over the last 4
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished")
+    assert main(f"{FIRST} --out {out}".split()) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    "flags, differing",
+    [
+        ("--tokens 8192 --k 16", "--k (saved 8)"),  # the safe change does not carry the other one through
+        ("--arch batchtopk", "--arch (saved topk)"),
+        ("--lr 1e-3 --seed 3", "--lr (saved default), --seed (saved 0)"),
+        ("--layer 2", "--layer/--site (saved blocks.1.resid_post)"),
+        (f"--activations {BASE_DIR}", "--activations (saved default), --model (saved"),
+    ],
+)
+def test_resume_refuses_flags_that_differ_from_the_saved_run(finished, flags, differing, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(f"train --out {run} --resume {flags}".split()) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"these flags differ from it: {differing}" in err, err
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing trained, nothing written
+
+
+def test_resume_takes_the_saved_values_and_the_safe_flags(finished, tmp_path):
+    """The first command again (+ --resume) changes nothing; cadence and device flags are applied."""
+    run = copy_run(finished, tmp_path)
+    assert main(f"{FIRST} --out {run} --resume --device cpu --log-every 1".split()) == 0
+    assert [m["step"] for m in metrics(run)] == [2, 4, 6, 8]  # finished: nothing more to train
+    assert read_checkpoint(run)["config"]["log_every"] == 1
+
+
+def test_more_tokens_extend_a_finished_run(finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    assert main(f"train --out {run} --resume --tokens 8192 --log-every 4".split()) == 0
+    ckpt = read_checkpoint(run)
+    assert ckpt["step"] == 16 and ckpt["config"]["tokens"] == 8192 and ckpt["config"]["saes"][0]["k"] == 8
+    m = metrics(run)
+    assert [x["step"] for x in m] == [2, 4, 6, 8, 12, 16] and load_sae(run).cfg.k == 8
+    # the schedule follows the new length: the LR of step 7 was decaying to the old end (8 steps), that of step 11
+    # is on the decay to the new end (16 steps, the last 8)
+    assert [x["lr"] / m[0]["lr"] for x in m[3:]] == pytest.approx([1 / 4, 5 / 8, 1 / 8])
+
+
+def test_an_extended_run_equals_one_asked_for_that_long(tmp_path):
+    """A 4-step run extended to 16 steps has the weights and metrics of a 16-step run when the first 4 steps do not
+    depend on the length (pinned warm-up and dead-latent window, no decay yet)."""
+    common = f"train {RUN} --k 8 --lr-warmup-steps 2 --dead-tokens 512 --lr-decay-frac 0.2"
+    long, short = tmp_path / "long", tmp_path / "short"
+    assert main(f"{common} --tokens 8192 --out {long}".split()) == 0
+    assert main(f"{common} --tokens 2048 --out {short}".split()) == 0
+    assert main(f"train --out {short} --resume --tokens 8192".split()) == 0
+    assert torch.equal(load_sae(short).W_dec, load_sae(long).W_dec)
+    drop = lambda m: [{k: v for k, v in x.items() if k != "tok_s"} for x in m]  # noqa: E731
+    assert drop(metrics(short)) == drop(metrics(long))
+
+
+def test_resume_refuses_fewer_tokens_than_trained(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    assert main(f"train --out {run} --resume --tokens 2048".split()) == 2
+    assert "fewer than the 4,096 tokens this run has trained" in capsys.readouterr().err
