@@ -24,16 +24,14 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
         namespace, extras = super().parse_known_args(args, namespace)
-        flags = args[: args.index("--")] if "--" in args else args  # after "--" come positionals only
-        written = {a.split("=", 1)[0] for a in flags if a.startswith("-")}
-        given = {self._option_string_actions[f].dest for f in written if f in self._option_string_actions}
-        namespace.given = getattr(namespace, "given", set()) | given
+        options = self._option_string_actions
+        written = {a.split("=", 1)[0] for a in (args[: args.index("--")] if "--" in args else args)}  # "--": the end
+        namespace.given = getattr(namespace, "given", set()) | {options[w].dest for w in written if w in options}
         unknown = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
         if unknown:
-            flags = list(self._option_string_actions)
             close = {}  # the flags an abbreviation would have meant, then look-alikes (typos)
             for u in unknown:
-                for m in ([f for f in flags if f.startswith(u)] + difflib.get_close_matches(u, flags, 3, 0.6))[:3]:
+                for m in ([o for o in options if o.startswith(u)] + difflib.get_close_matches(u, options, 3, 0.6))[:3]:
                     close[m] = None
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
@@ -194,9 +192,10 @@ def _field_comments(cls) -> dict[str, str]:
 def _add_config_flags(p, cls, skip=(), only=None, sweep=(), flags=None, **extra) -> None:
     """One flag per field of the dataclass `cls` (all but `skip`, or those in `only`), so that every default
     lives in the dataclass: --field-name (or flags[name]) with the field's default, parsed to the field's type,
-    with the field's metadata["help"] or trailing comment as help (its "None: …" read as "default: …"). A bool is a switch (--x, or --x/--no-x unless
-    it defaults to False), a tuple takes a comma list, an int named *tokens a count like 500k or 10M, and a field
-    in `sweep` a comma list of values (default: [its default]). extra[name]: more add_argument keywords."""
+    with the field's metadata["help"] or trailing comment as help (a comment's "None: …" reads "default: …").
+    A bool is a switch (--x, or --x/--no-x unless it defaults to False), a tuple takes a comma list, an int named
+    *tokens a count like 500k or 10M, and a field in `sweep` a comma list of values (default: [its default]).
+    extra[name]: more add_argument keywords for that field."""
     import dataclasses
     import typing
 
