@@ -36,6 +36,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .data import token_rows
+from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, remove_leftovers, sha256_file
 from .gpt import GPT
@@ -124,12 +125,6 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
         stop.set()
         while not q.empty():
             q.get_nowait()
-
-
-def _dist_rank() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier(world: int) -> None:
@@ -310,32 +305,10 @@ def collect(
     seq_len = seq_len or model.config.sequence_len
     if not 2 <= seq_len <= model.cos.size(1):
         raise NanosaeError(f"seq_len {seq_len} is out of range; this model takes 2..{model.cos.size(1)}")
-    rank, world = _dist_rank()
+    rank, world = dist_info()
     out = Path(out)
-    name, fingerprint = model_identity(model)
-    dtype_name = _dtype_name(dtype)
-    torch_dtype = DTYPES[dtype_name]
-    d_in = site_width(model, site)
     shard_rows = batch_size * max(1, round(shard_tokens / (batch_size * seq_len)))
-    header = {
-        "format": FORMAT,
-        "version": 1,
-        "model_name": name,
-        "model_fingerprint": fingerprint,
-        "model_path": getattr(getattr(model, "info", None), "path", None),
-        "model_dtype": _dtype_name(model.compute_dtype),
-        "site": site,
-        "hook_name": saelens_hook_name(site),
-        "d_in": d_in,
-        "dtype": dtype_name,
-        "context_size": seq_len,
-        "dataset": "builtin" if source is None else str(source),
-        "split": split,
-        "keep_bos": keep_bos,
-        "tokens": tokens,
-        "batch_size": batch_size,
-        "shard_rows": shard_rows,
-    }
+    header = _header(model, site, tokens, source, dtype, seq_len, batch_size, shard_rows, keep_bos, split)
     if rank == 0:
         manifest = _consolidate(out, header)
     _barrier(world)
@@ -347,25 +320,102 @@ def collect(
         return manifest
     done = {e["index"] for e in manifest["shards"]}
 
+    t0 = time.perf_counter()
+    seen, n_shards, computed, t_fwd = _collect_shards(
+        model, tokenizer, out, header, source, done, rank, world, progress
+    )
+    elapsed = time.perf_counter() - t0
+    _barrier(world)
+    if rank == 0:
+        manifest = _finish_manifest(out, header, manifest, seen, n_shards)
+        if progress:
+            size = sum(e["bytes"] for e in manifest["shards"])
+            short = f"; the source ran out before {tokens:,}" if seen < tokens else ""
+            print(
+                f"collected {seen:,} tokens{short} of {site} (d_in {header['d_in']}, {header['dtype']}) from "
+                f"{header['model_name']} into {out}: {n_shards} shard{'s' * (n_shards != 1)}, {size / 1e6:.1f} MB"
+                + (f", {len(done)} kept from an earlier run" if done else "")
+                + (
+                    f"; {computed / elapsed:,.0f} tok/s on rank 0, {t_fwd / elapsed:.0%} of the time in the forward"
+                    if computed
+                    else ""
+                )
+            )
+    _barrier(world)
+    if rank != 0:
+        manifest = _read_json(out / MANIFEST)
+    return manifest
+
+
+def _header(
+    model: GPT,
+    site: str,
+    tokens: int,
+    source,
+    dtype: str | torch.dtype,
+    seq_len: int,
+    batch_size: int,
+    shard_rows: int,
+    keep_bos: bool,
+    split: str | None,
+) -> dict:
+    """The manifest's description of a cache: what it holds (IDENTITY) and where it came from."""
+    name, fingerprint = model_identity(model)
+    return {
+        "format": FORMAT,
+        "version": 1,
+        "model_name": name,
+        "model_fingerprint": fingerprint,
+        "model_path": getattr(getattr(model, "info", None), "path", None),
+        "model_dtype": _dtype_name(model.compute_dtype),
+        "site": site,
+        "hook_name": saelens_hook_name(site),
+        "d_in": site_width(model, site),
+        "dtype": _dtype_name(dtype),
+        "context_size": seq_len,
+        "dataset": "builtin" if source is None else str(source),
+        "split": split,
+        "keep_bos": keep_bos,
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "shard_rows": shard_rows,
+    }
+
+
+def _collect_shards(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out: Path,
+    header: dict,
+    source,
+    done: set[int],
+    rank: int,
+    world: int,
+    progress: bool,
+) -> tuple[int, int, int, float]:
+    """Read the token rows in order and write this rank's shards (g % world == rank) that are not `done`: returns
+    the tokens kept by all ranks, the shards they fill, and this rank's computed tokens and forward seconds."""
+    site, tokens, seq_len, batch_size = header["site"], header["tokens"], header["context_size"], header["batch_size"]
+    torch_dtype = DTYPES[header["dtype"]]
     writer = _ShardWriter(out, rank)
     bos = tokenizer.bos_token_id
-    rows = token_rows(tokenizer, source, seq_len, split, repeat=False)
+    rows = token_rows(tokenizer, source, seq_len, header["split"], repeat=False)
     batches = _prefetch(_row_batches(rows, batch_size), depth=4)
     bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"collect {site}", disable=not progress or rank > 0)
     seen = 0  # tokens kept so far, all ranks together
     shard = 0
-    t0, t_fwd, computed = time.perf_counter(), 0.0, 0
+    t_fwd, computed = 0.0, 0
     try:
         with torch.no_grad():
             while seen < tokens:
-                group = list(itertools.islice(batches, shard_rows // batch_size))
+                group = list(itertools.islice(batches, header["shard_rows"] // batch_size))
                 if not group:
                     break  # the source ran out
                 mine = shard % world == rank and shard not in done
                 parts: dict[str, list[torch.Tensor]] = {"activations": [], "token_ids": [], "positions": []}
                 n_rows = 0
                 for ids in group:
-                    keep = torch.ones_like(ids, dtype=torch.bool) if keep_bos else ids != bos
+                    keep = torch.ones_like(ids, dtype=torch.bool) if header["keep_bos"] else ids != bos
                     take = min(int(keep.sum()), tokens - seen)
                     n_rows += len(ids)
                     if mine:
@@ -382,49 +432,35 @@ def collect(
                     if seen >= tokens:
                         break
                 if mine:
-                    start = shard * shard_rows
+                    start = shard * header["shard_rows"]
                     writer.put(shard, (start, start + n_rows), {k: torch.cat(v) for k, v in parts.items()})
                 shard += 1
     finally:
         bar.close()
         batches.close()
         writer.close()  # finished shards reach the disk even on Ctrl-C, so a re-run resumes after them
-    elapsed = time.perf_counter() - t0
+    return seen, shard, computed, t_fwd
 
-    _barrier(world)
-    if rank == 0:
-        entries = {e["index"]: e for e in manifest["shards"]}
-        for p in sorted(out.glob("progress-r*.json")):
-            entries.update({e["index"]: e for e in _read_json(p)["shards"]})
-        missing = sorted(set(range(shard)) - set(entries))
-        if missing:
-            raise NanosaeError(f"{out}: shards {missing[:5]} were not written; re-run the same collect command")
-        manifest = {
-            **header,
-            "complete": True,
-            "total_tokens": seen,
-            "num_shards": shard,
-            "shards": [entries[i] for i in range(shard)],
-        }
-        atomic_write_json(out / MANIFEST, manifest)
-        for p in out.glob("progress-r*.json"):
-            p.unlink()
-        if progress:
-            size = sum(e["bytes"] for e in manifest["shards"])
-            short = f"; the source ran out before {tokens:,}" if seen < tokens else ""
-            print(
-                f"collected {seen:,} tokens{short} of {site} (d_in {d_in}, {dtype_name}) from {name} into {out}: "
-                f"{shard} shard{'s' * (shard != 1)}, {size / 1e6:.1f} MB"
-                + (f", {len(done)} kept from an earlier run" if done else "")
-                + (
-                    f"; {computed / elapsed:,.0f} tok/s on rank 0, {t_fwd / elapsed:.0%} of the time in the forward"
-                    if computed
-                    else ""
-                )
-            )
-    _barrier(world)
-    if rank != 0:
-        manifest = _read_json(out / MANIFEST)
+
+def _finish_manifest(out: Path, header: dict, manifest: dict, seen: int, n_shards: int) -> dict:
+    """Rank 0, after every rank's shards are written: the complete manifest, from the shards of the earlier runs
+    and each rank's progress file (then deleted)."""
+    entries = {e["index"]: e for e in manifest["shards"]}
+    for p in sorted(out.glob("progress-r*.json")):
+        entries.update({e["index"]: e for e in _read_json(p)["shards"]})
+    missing = sorted(set(range(n_shards)) - set(entries))
+    if missing:
+        raise NanosaeError(f"{out}: shards {missing[:5]} were not written; re-run the same collect command")
+    manifest = {
+        **header,
+        "complete": True,
+        "total_tokens": seen,
+        "num_shards": n_shards,
+        "shards": [entries[i] for i in range(n_shards)],
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    for p in out.glob("progress-r*.json"):
+        p.unlink()
     return manifest
 
 
@@ -658,7 +694,7 @@ class ModelStream(ActivationStream):
         ids = self._fill_tokens(bid[0])
         batches = ids.split(self.forward_rows)
         with torch.no_grad():
-            if self.world_size > 1 and _dist_rank() == (self.rank, self.world_size):
+            if self.world_size > 1 and dist_info() == (self.rank, self.world_size):
                 acts = self._gathered(batches)
             else:
                 acts = [_site_acts(self.model, b, self.site) for b in batches]

@@ -4,9 +4,38 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import sys
+import types
 
 from .errors import NanosaeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with prefix matching off, for the command and every subcommand: `--target` must not be read as
+    `--target-l0`, and a flag added later must not change what an old abbreviation meant. An unknown flag is
+    refused by the subcommand it was given to, naming its closest flags. `args.given` holds the dests the command
+    line set itself (the others hold defaults): without abbreviations a flag is given exactly when it is written
+    out, as `--flag` or `--flag=value`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        options = self._option_string_actions
+        written = {a.split("=", 1)[0] for a in (args[: args.index("--")] if "--" in args else args)}  # "--": the end
+        namespace.given = getattr(namespace, "given", set()) | {options[w].dest for w in written if w in options}
+        unknown = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        if unknown:
+            close = {}  # the flags an abbreviation would have meant, then look-alikes (typos)
+            for u in unknown:
+                for m in ([o for o in options if o.startswith(u)] + difflib.get_close_matches(u, options, 3, 0.6))[:3]:
+                    close[m] = None
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace, extras
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -49,29 +78,17 @@ def cmd_sample(args) -> None:
 
 
 def cmd_train_lm(args) -> None:
-    import dataclasses
-
     from .lm_train import TinyConfig, main
 
-    fields = {f.name for f in dataclasses.fields(TinyConfig)}
-    main(TinyConfig(**{k: v for k, v in vars(args).items() if k in fields}), args.out, args.force)
+    main(_from_flags(TinyConfig, args), args.out, args.force)
 
 
-def _train_lm_args(p: argparse.ArgumentParser) -> None:
-    """One flag per TinyConfig field (--n-layer, --vocab-size, ...), so the CLI and the Python config agree."""
-    import dataclasses
-
+def _train_lm_flags(p: argparse.ArgumentParser) -> None:
     from .lm_train import TinyConfig
 
     p.add_argument("--out", default=None, help="write the nanochat base dir here (default: $NANOSAE_HOME/tiny/<hash>)")
     p.add_argument("--force", action="store_true", help="retrain even if this config was trained before")
-    g = p.add_argument_group("config (defaults finish in a few minutes on 2 CPU cores)")
-    for f in dataclasses.fields(TinyConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "data":
-            g.add_argument(flag, default=None, help="text/.jsonl/.parquet file or dir, or builtin (the default)")
-        else:
-            g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+    _add_config_flags(p.add_argument_group("config (defaults finish in a few minutes on 2 CPU cores)"), TinyConfig)
 
 
 def cmd_eval(args) -> None:
@@ -114,25 +131,11 @@ def _token_count(s: str) -> int:
 
 
 def cmd_collect(args) -> None:
-    import os
-
-    import torch.distributed as dist
-
     from .activations import collect
-    from .hooks import site_name
+    from .distributed import torchrun_group
 
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if own_group:  # under torchrun: each rank collects its share of the shards
-        if args.device.startswith("cuda"):
-            import torch
-
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
-        if args.layer is None and "." not in args.site and args.site not in ("embed", "final"):
-            raise NanosaeError(f"--site {args.site} needs --layer (or pass a full site like blocks.3.{args.site})")
-        site = args.site if args.layer is None else site_name(args.layer, args.site)
+    site = _site(args)
+    with torchrun_group(args.device) as args.device:  # under torchrun each rank collects its share of the shards
         model, tok, _ = _load(args)
         collect(
             model,
@@ -147,119 +150,222 @@ def cmd_collect(args) -> None:
             shard_tokens=args.shard_tokens,
             keep_bos=args.keep_bos,
         )
-    finally:
-        if own_group:
-            dist.destroy_process_group()
 
 
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(v) for v in s.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of numbers") from None
+def _site(args) -> str:
+    """The site that --layer and --site name together (--site alone may be a full name: blocks.3.mlp_out)."""
+    from .hooks import site_name
+
+    if args.layer is None and "." not in args.site and args.site not in ("embed", "final"):
+        raise NanosaeError(f"--site {args.site} needs --layer (or pass a full site like blocks.3.{args.site})")
+    return args.site if args.layer is None else site_name(args.layer, args.site)
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(v) for v in s.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of whole numbers") from None
+def _comma_list(kind, container=list):
+    """A flag type: comma-separated values of `kind` (int, float, str, or _token_count)."""
+    what = {int: "whole numbers", float: "numbers", _token_count: "counts like 500k"}.get(kind, "values")
+
+    def parse(s: str):
+        try:
+            return container(kind(v) for v in s.split(",") if v)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of {what}") from None
+
+    return parse
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing comment of each field in the source of the dataclass `cls`: the help of its flag."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    src = textwrap.dedent(inspect.getsource(cls))
+    tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    fields = [n for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)]
+    return {n.target.id: comments[n.end_lineno] for n in fields if n.end_lineno in comments}
+
+
+def _add_config_flags(p, cls, skip=(), only=None, sweep=(), flags=None, **extra) -> None:
+    """One flag per field of the dataclass `cls` (all but `skip`, or those in `only`), so that every default
+    lives in the dataclass: --field-name (or flags[name]) with the field's default, parsed to the field's type,
+    with the field's metadata["help"] or trailing comment as help (a comment's "None: …" reads "default: …").
+    A bool is a switch (--x, or --x/--no-x unless it defaults to False), a tuple takes a comma list, an int named
+    *tokens a count like 500k or 10M, and a field in `sweep` a comma list of values (default: [its default]).
+    extra[name]: more add_argument keywords for that field."""
+    import dataclasses
+    import typing
+
+    hints, comments = typing.get_type_hints(cls), _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict = {"dest": f.name, "default": default, "type": kind}
+        shown = None if default is None or default is False else default  # the default, as the help shows it
+        if kind is bool:
+            del kw["type"]
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw["type"] = _comma_list(typing.get_args(kind)[0], tuple)
+            shown = ",".join(map(str, default)) or None
+        elif kind is int and (f.name == "tokens" or f.name.endswith("_tokens")):
+            kw["type"] = _token_count
+            shown = None if default is None else f"{default:,}"
+        if f.name in sweep:
+            kw.update(type=_comma_list(kw["type"]), default=[default])
+        text = (f.metadata.get("help") or comments.get(f.name, "")).replace("None: ", "default: ")
+        if shown is not None:
+            text = f"{text} (default {shown})" if text else f"default {shown}"
+        kw["help"] = text.replace("%", "%%")  # argparse formats help with %
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        p.add_argument(flag, **{**kw, **extra.get(f.name, {})})
+
+
+def _from_flags(cls, args, **values):
+    """The dataclass `cls` from the flags _add_config_flags made for it (values: fields given otherwise)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
+
+
+# train: SAE flags that take comma lists (one SAE per combination), and the TrainConfig fields that the model and
+# site flags (shared with the other commands) set
+SWEEP = ("arch", "k", "expansion", "sparsity_coeff")
+SOURCE = ("model", "model_step", "phase", "tokenizer", "generation", "device", "site", "data", "seq_len", "activations")
 
 
 def _train_config(args):
-    """TrainConfig from the flags: one SAE per combination of --arch, --k, --expansion and --sparsity-coeff (k only
-    matters to the TopK family, the coefficient only to the others, so duplicates collapse)."""
+    """TrainConfig from the flags: one SAE per combination of the SWEEP flags (k only matters to the TopK family,
+    the coefficient only to the others, so duplicates collapse)."""
     import itertools
 
-    from .hooks import site_name
     from .sae import SAETrainConfig
     from .train import TrainConfig
 
     saes, seen = [], set()
-    for arch, k, expansion, coeff in itertools.product(
-        args.arch.split(","), args.k, args.expansion, args.sparsity_coeff
-    ):
+    for arch, k, expansion, coeff in itertools.product(*(getattr(args, name) for name in SWEEP)):
         topk = arch in ("topk", "batchtopk")
         target = args.target_l0 is not None  # it sets k, and λ only starts at the coefficient
         key = (arch, k if topk and not target else None, expansion, None if topk or target else coeff)
         if key in seen:
             continue
         seen.add(key)
-        saes.append(
-            SAETrainConfig(
-                arch=arch,
-                expansion=expansion,
-                d_sae=args.d_sae,
-                k=k,
-                matryoshka=tuple(args.matryoshka),
-                lr=args.lr,
-                sparsity_coeff=None if topk else coeff,
-                target_l0=args.target_l0,
-                aux_coeff=args.aux_coeff,
-                aux_rare=args.aux_rare,
-                k_aux=args.k_aux,
-                normalize=args.normalize,
-                b_dec_init=args.b_dec_init,
-                bandwidth=args.bandwidth,
-                init_threshold=args.init_threshold,
-                threshold_rate=args.threshold_rate,
-                resample=args.resample,
-                grad_clip=args.grad_clip,
-                beta1=args.beta1,
-            )
-        )
+        sweep = {"arch": arch, "k": k, "expansion": expansion, "sparsity_coeff": None if topk else coeff}
+        saes.append(_from_flags(SAETrainConfig, args, **sweep))
     if args.activations and (args.model or args.layer is not None):
         raise NanosaeError("--activations trains on the cache's own model and site; drop --model/--layer")
-    if not args.activations and (not args.model or (args.layer is None and "." not in args.site)):
+    if not args.activations and not args.model:
         raise NanosaeError("pass --model and --layer (streams from the model) or --activations DIR (a collected cache)")
-    site = "" if args.activations else args.site if args.layer is None else site_name(args.layer, args.site)
-    return TrainConfig(
+    return _from_flags(
+        TrainConfig,
+        args,
         saes=saes,
-        tokens=args.tokens,
-        batch_size=args.batch_size,
-        lr_warmup_steps=args.lr_warmup_steps,
-        lr_decay_frac=args.lr_decay_frac,
-        sparsity_warmup_frac=args.sparsity_warmup_frac,
-        dead_tokens=args.dead_tokens,
-        density_tokens=args.density_tokens,
-        seed=args.seed,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every,
-        out=args.out,
-        device=args.device,
         model=args.model or "",
         model_step=args.step,
-        phase=args.phase,
-        tokenizer=args.tokenizer,
-        generation=args.generation,
-        site=site,
+        site="" if args.activations else _site(args),
         data=None if args.data == "builtin" else args.data,
-        seq_len=args.seq_len,
         activations=args.activations or "",
     )
 
 
+def _resume_config(args):
+    """The saved config of the run in --out, with the flags given on this command line (args.given): --tokens (a
+    new length: more extends the run, finished or not), --log-every, --checkpoint-every, --eval-every and --device
+    take effect; any other flag must agree with the saved run. A flag left out means the saved value: args is
+    filled in with them, so the model and site load as for a new run."""
+    import dataclasses
+
+    from .sae import SAETrainConfig
+    from .train import TrainConfig, changed_settings, read_checkpoint
+
+    ckpt = read_checkpoint(args.out)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    for dest, value in _saved_flags(saved).items():
+        if dest not in args.given:
+            setattr(args, dest, value)
+    # a source given replaces the saved one (rather than meeting it in one command line)
+    if "site" in args.given and "layer" not in args.given and ("." in args.site or args.site in ("embed", "final")):
+        args.layer = None  # a full site name needs no layer
+    if "activations" in args.given and not args.given & {"model", "layer"}:
+        args.model = args.layer = None
+    if "model" in args.given and "activations" not in args.given:
+        args.activations = None
+    asked = _train_config(args)
+    sae_flags = {f.name for f in dataclasses.fields(SAETrainConfig)}
+    if not args.given & sae_flags:
+        asked.saes = saved.saes  # exactly as saved (a run made in Python may have SAEs no flags can describe)
+    differ = [k for k in changed_settings(asked, ckpt) if k != "tokens"]
+    if differ:
+        raise NanosaeError(
+            f"--resume continues {args.out} with its saved settings, and these flags differ from it: "
+            f"{_describe(differ, asked, saved, args.given)}; drop them, or give another --out to train a new run"
+        )
+    return asked
+
+
+def _saved_flags(saved) -> dict:
+    """The flag values that would have trained `saved` (a TrainConfig): what --resume reads for a flag not given."""
+    import dataclasses
+
+    from .hooks import parse_site
+
+    flags = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.name not in ("saes", *SOURCE)}
+    layer, kind = parse_site(saved.site) if saved.site else (None, "resid_post")
+    flags.update(
+        model=saved.model or None,
+        step=saved.model_step,
+        phase=saved.phase,
+        tokenizer=saved.tokenizer,
+        generation=saved.generation,
+        device=saved.device,
+        layer=layer,
+        site=kind,
+        data=saved.data or "builtin",
+        seq_len=saved.seq_len,
+        activations=saved.activations or None,
+    )
+    for f in dataclasses.fields(saved.saes[0]):
+        values = [getattr(s, f.name) for s in saved.saes]
+        if f.name == "sparsity_coeff":  # only the non-TopK SAEs took it (see _train_config)
+            values = [v for v, s in zip(values, saved.saes) if s.arch not in ("topk", "batchtopk")] or [None]
+        flags[f.name] = list(dict.fromkeys(values)) if f.name in SWEEP else values[0]
+    return flags
+
+
+def _describe(differ: list[str], asked, saved, given: set[str]) -> str:
+    """The flags behind the settings `differ` (changed_settings' names), each with its saved value."""
+    if "saes" in differ:  # name the SAE settings that differ
+        pairs = list(zip(asked.saes, saved.saes)) if len(asked.saes) == len(saved.saes) else []
+        fields = {k for a, b in pairs for k, v in vars(a).items() if getattr(b, k) != v} or set(SWEEP) & given
+        differ = sorted(set(differ) - {"saes"} | fields)
+    flags, parts = {**_saved_flags(saved), "model_step": saved.model_step, "site": saved.site}, []
+    for k in differ:
+        values = flags[k] if isinstance(flags[k], list) else [flags[k]]
+        shown = ",".join(
+            "default" if v in (None, "", ()) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+            for v in values
+        )
+        flag = {"model_step": "--step", "site": "--layer/--site"}.get(k, "--" + k.replace("_", "-"))
+        parts.append(f"{flag} (saved {shown})")
+    return ", ".join(parts)
+
+
 def cmd_train(args) -> None:
-    import os
+    from .distributed import dist_info, torchrun_group
+    from .train import train
 
-    import torch
-    import torch.distributed as dist
-
-    from .train import TrainConfig, read_checkpoint, train
-
-    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if own_group:  # under torchrun: data-parallel, each rank trains on its share of every batch
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    try:
-        if args.resume:  # the saved settings, so the run continues exactly
-            cfg = TrainConfig.from_dict({**read_checkpoint(args.out)["config"], "out": args.out, "device": args.device})
-        else:
-            cfg = _train_config(args)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    cfg = _resume_config(args) if args.resume else _train_config(args)
+    with torchrun_group(cfg.device) as cfg.device:  # under torchrun: each rank trains on its share of every batch
+        args.device = cfg.device  # the model loads there too
+        rank, world = dist_info()
         if cfg.activations:
             from .activations import cache_stream
 
@@ -267,16 +373,8 @@ def cmd_train(args) -> None:
                 return cache_stream(cfg.activations, cfg.batch_size, cfg.seed, rank, world, state)
         else:
             from .activations import model_stream
-            from .checkpoint import load_model
 
-            model, tok, _ = load_model(
-                cfg.model,
-                cfg.model_step,
-                phase=cfg.phase,
-                device=cfg.device,
-                generation=cfg.generation,
-                tokenizer_dir=cfg.tokenizer,
-            )
+            model, tok, _ = _load(args)
 
             def stream_fn(state):
                 return model_stream(
@@ -299,9 +397,6 @@ def cmd_train(args) -> None:
             eval_fn = make_train_eval(model, tok, cfg.data, n_tokens=8192)
 
         train(cfg, stream_fn, eval_fn=eval_fn, resume=args.resume)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
 
 
 def _steers(args) -> list:
@@ -346,13 +441,13 @@ def cmd_serve(args) -> None:
     serve(served, args.host, args.port)
 
 
-def _feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
-    _model_args(p)
+def _feature_flags(p, model_required: bool = True) -> None:
+    """The flags of the feature statistics that viz, export and label read (or compute)."""
+    from .features import FeatureConfig
+
+    _model_args(p, model_required)
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet file or dir (default: the built-in corpus)")
-    p.add_argument("--tokens", type=_token_count, default=262_144, help="tokens to read (e.g. 1M; default 262144)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per prompt (Neuronpedia uses 128)")
-    p.add_argument("--batch-size", type=int, default=0, help="prompts per forward (default: by SAE width)")
+    _add_config_flags(p, FeatureConfig, only=("n_tokens", "seq_len", "batch_size"), flags={"n_tokens": "--tokens"})
     p.add_argument("--stats", default=None, help="feature statistics folder (default: <SAE>/feature_stats)")
     p.add_argument("--recompute", action="store_true", help="recompute the statistics even if saved ones match")
 
@@ -365,8 +460,9 @@ def _features(args):
     sae = load_sae(args.sae, args.device)  # fails fast on a bad SAE folder, before the model loads
     model, tok, _ = _load(args)
     sae = sae.to(model.device)
-    cfg = FeatureConfig(n_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size)
-    stats = load_or_compute(model, tok, sae, args.sae, args.data, cfg, args.stats, args.recompute)
+    stats = load_or_compute(
+        model, tok, sae, args.sae, args.data, _from_flags(FeatureConfig, args), args.stats, args.recompute
+    )
     print(stats.summary())
     return stats, sae
 
@@ -430,39 +526,18 @@ def cmd_label(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    import dataclasses
-
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
+    run_demo(_from_flags(DemoConfig, args))
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    """One flag per DemoConfig field, so the CLI and the Python config agree."""
-    import dataclasses
-
+def _demo_flags(p: argparse.ArgumentParser) -> None:
     from .demo import DemoConfig
 
-    for f in dataclasses.fields(DemoConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true")
-        elif "tokens" in f.name:
-            p.add_argument(flag, type=_token_count, default=f.default, help=f"default {f.default:,}")
-        else:
-            kind = int if f.type in ("int", "int | None") else str
-            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
+    _add_config_flags(p, DemoConfig)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanosae", description="Sparse autoencoders for nanochat models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="the whole pipeline: tiny model (or --model) -> SAE -> eval -> dashboard -> export")
-    _demo_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("sample", help="generate text from a nanochat checkpoint")
+def _sample_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -470,13 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--stop", action="store_true", help="stop at <|assistant_end|> or <|bos|>")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train-lm", help="train the tiny nanochat model on CPU (cached) and print samples")
-    _train_lm_args(p)
-    p.set_defaults(func=cmd_train_lm)
 
-    p = sub.add_parser("eval", help="SAEBench core metrics of an SAE spliced into its model (EV, L0, CE/KL, density)")
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     _model_args(p)
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet file or dir (default: the built-in corpus)")
@@ -488,70 +559,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saebench-compat", action="store_true", help="report SAEBench's EV and MSE formulas (quirks)")
     p.add_argument("--no-model-check", action="store_true", help="evaluate on a model other than the SAE's")
     p.add_argument("--json", default=None, help="result path (default: <SAE>/eval_core.json; PNG beside it)")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("collect", help="cache activations at one site as checksummed safetensors shards")
-    _model_args(p)
+
+def _site_flags(p: argparse.ArgumentParser) -> None:
+    """Where activations come from: a site of the model and the text it reads (collect, and train with --model)."""
     p.add_argument("--layer", type=int, default=None, help="block index of the site")
     p.add_argument("--site", default="resid_post", help="site kind (resid_post, mlp_out, …) or a full site name")
     p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or folder, or builtin")
+    p.add_argument("--seq-len", type=int, default=None, help="context size (default: the model's)")
+
+
+def _collect_flags(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _site_flags(p)
     p.add_argument("--tokens", type=_token_count, required=True, help="activations to collect (e.g. 2M)")
     p.add_argument("--out", required=True, help="cache folder; re-running the same command resumes it")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="storage dtype")
-    p.add_argument("--seq-len", type=int, default=None, help="context size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward")
     p.add_argument("--shard-tokens", type=_token_count, default=1 << 16, help="about this many tokens per shard")
     p.add_argument("--keep-bos", action="store_true", help="keep the <|bos|> positions (dropped by default)")
-    p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("train", help="train SAEs (topk, batchtopk, standard, april, gated, jumprelu) on activations")
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from .sae import SAETrainConfig
+    from .train import TrainConfig
+
     _model_args(p, required=False)
-    p.add_argument("--layer", type=int, default=None, help="block index of the site (with --model)")
-    p.add_argument("--site", default="resid_post", help="site kind (resid_post, mlp_out, …) or a full site name")
-    p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or folder, or builtin (with --model)")
-    p.add_argument("--seq-len", type=int, default=None, help="context size (default: the model's)")
+    _site_flags(p)
     p.add_argument("--activations", default=None, help="a cache folder from nanosae collect (instead of --model)")
     p.add_argument("--out", required=True, help="run folder: the SAE (or one subfolder per SAE), metrics, checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out; flags left out keep the saved values, --tokens sets a new length",
+    )
     g = p.add_argument_group("SAEs (comma lists train one SAE per combination)")
-    g.add_argument("--arch", default="topk", help="topk, batchtopk, standard, april, gated, jumprelu (default topk)")
-    g.add_argument("--k", type=_ints, default=[32], help="active latents per token, TopK family (default 32)")
-    g.add_argument("--expansion", type=_ints, default=[16], help="d_sae = expansion * d_in (default 16)")
-    g.add_argument("--d-sae", type=int, default=0, help="number of latents (overrides --expansion)")
-    g.add_argument("--sparsity-coeff", type=_floats, default=[None], help="λ of the L1/L0 penalty (default per arch)")
-    g.add_argument("--matryoshka", type=_ints, default=[], help="nested prefix widths for topk/batchtopk: 128,512")
-    g.add_argument("--lr", type=float, default=None, help="Adam LR (default 2e-4 / sqrt(d_sae / 2^14))")
-    g.add_argument(
-        "--target-l0", type=float, default=None, help="steer λ so the mean L0 settles here (topk/batchtopk: sets k)"
-    )
-    g.add_argument("--aux-coeff", type=float, default=1 / 32, help="AuxK weight (default 1/32)")
-    g.add_argument("--aux-rare", type=float, default=0.0, help="AuxK also trains latents below this x the mean rate")
-    g.add_argument("--k-aux", type=int, default=None, help="AuxK latents per token (default d_in / 2)")
-    g.add_argument(
-        "--normalize", action=argparse.BooleanOptionalAction, default=None, help="scale inputs to E|x|=√d_in"
-    )
-    g.add_argument("--b-dec-init", choices=["geometric_median", "mean", "zero"], default="geometric_median")
-    g.add_argument("--bandwidth", type=float, default=2.0, help="JumpReLU straight-through bandwidth (default 2)")
-    g.add_argument("--init-threshold", type=float, default=None, help="JumpReLU initial threshold (default 0.1)")
-    g.add_argument("--threshold-rate", type=float, default=0.01, help="BatchTopK threshold EMA rate")
-    g.add_argument("--resample", action=argparse.BooleanOptionalAction, default=None, help="resample dead latents")
-    g.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip (default: april 1, others off)")
-    g.add_argument("--beta1", type=float, default=None, help="Adam beta1 (default: jumprelu 0, others 0.9)")
+    b_dec_init = {"choices": ["geometric_median", "mean", "zero"]}
+    d_sae = {"help": "number of latents (overrides --expansion)"}
+    _add_config_flags(g, SAETrainConfig, skip=("name",), sweep=SWEEP, b_dec_init=b_dec_init, d_sae=d_sae)
     g = p.add_argument_group("run")
-    g.add_argument("--tokens", type=_token_count, default=2_000_000, help="training tokens (e.g. 50M; default 2M)")
-    g.add_argument("--batch-size", type=int, default=4096, help="tokens per step, over all ranks")
-    g.add_argument("--lr-warmup-steps", type=int, default=None, help="default: 5%% of the steps, at most 1000")
-    g.add_argument("--lr-decay-frac", type=float, default=0.2, help="linear LR decay over this last fraction")
-    g.add_argument("--sparsity-warmup-frac", type=float, default=0.05, help="λ warm-up over this first fraction")
-    g.add_argument("--dead-tokens", type=_token_count, default=None, help="dead = silent this long (min(10M, N/10))")
-    g.add_argument("--density-tokens", type=_token_count, default=1_000_000, help="window of the saved densities")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=20, help="steps between metrics lines")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
-    p.set_defaults(func=cmd_train)
+    _add_config_flags(g, TrainConfig, skip=("saes", "out", *SOURCE))
 
-    p = sub.add_parser("chat", help="terminal chat showing each token's SAE latents, with steering")
+
+def _chat_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--temperature", type=float, default=0.6)
@@ -563,9 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp", action="append", metavar="ID:V", help="hold a latent at activation V (45:0)")
     p.add_argument("--ablate", action="append", metavar="ID", help="clamp a latent to 0")
     p.add_argument("--only-generated", action="store_true", help="steer generated tokens only, not the prompt")
-    p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="local web app: streaming chat, per-token latents, steering, latent search")
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -574,17 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="default for requests that give none")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=512)
-    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("viz", help="write a self-contained HTML dashboard of every latent (opens from file://)")
-    _feature_args(p)
+
+def _viz_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _feature_flags(p)
     p.add_argument("--out", required=True, help="dashboard folder (index.html inside)")
-    p.set_defaults(func=cmd_viz)
 
-    p = sub.add_parser("export", help="export for Neuronpedia, or upload an export")
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
     ex = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     q = ex.add_parser("neuronpedia", help="SAELens weights + SAEDashboard batches + the bulk-import layout")
-    _feature_args(q)
+    q.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _feature_flags(q)
     q.add_argument("--out", required=True, help="export folder")
     q.add_argument("--model-id", default=None, help="Neuronpedia model id (default: the model's name, nanochat-d20)")
     q.add_argument("--set-name", default=None, help="source set (default: <hook kind>-nanosae, e.g. res-nanosae)")
@@ -600,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-source-set", action="store_true", help="skip creating the source set (it exists already)")
     q.set_defaults(func=cmd_export_upload)
 
-    p = sub.add_parser("label", help="set, remove or list latent labels (labels.json in the SAE folder)")
+
+def _label_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE folder")
     p.add_argument("index", type=int, nargs="?", help="latent id (none: list the labels)")
     p.add_argument("text", nargs="?", help="the label")
@@ -610,16 +663,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-base", default=None, help="e.g. http://127.0.0.1:8080/v1 (POSTs <base>/chat/completions)")
     g.add_argument("--api-key", default=None, help="bearer key (default: $OPENAI_API_KEY)")
     g.add_argument("--llm", default=None, help="model name the endpoint serves")
-    g.add_argument("--latents", type=_ints, default=None, help="ids to label, e.g. 0,5,9 (default: all)")
+    g.add_argument("--latents", type=_comma_list(int), default=None, help="ids to label, e.g. 0,5,9 (default: all)")
     g.add_argument("--overwrite", action="store_true", help="replace earlier automatic labels (never human ones)")
-    _model_args(g, required=False)
-    g.add_argument("--data", default=None, help="text source for the examples (default: the built-in corpus)")
-    g.add_argument("--tokens", type=_token_count, default=262_144)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=0)
-    g.add_argument("--stats", default=None)
-    g.add_argument("--recompute", action="store_true")
-    p.set_defaults(func=cmd_label)
+    _feature_flags(g, model_required=False)
+
+
+# the subcommands: name, help, the function that adds its flags, the function that runs it
+COMMANDS = [
+    (
+        "demo",
+        "the whole pipeline: tiny model (or --model) -> SAE -> eval -> dashboard -> export",
+        _demo_flags,
+        cmd_demo,
+    ),
+    ("sample", "generate text from a nanochat checkpoint", _sample_flags, cmd_sample),
+    ("train-lm", "train the tiny nanochat model on CPU (cached) and print samples", _train_lm_flags, cmd_train_lm),
+    ("eval", "SAEBench core metrics of an SAE spliced into its model (EV, L0, CE/KL, density)", _eval_flags, cmd_eval),
+    ("collect", "cache activations at one site as checksummed safetensors shards", _collect_flags, cmd_collect),
+    ("train", "train SAEs (topk, batchtopk, standard, april, gated, jumprelu) on activations", _train_flags, cmd_train),
+    ("chat", "terminal chat showing each token's SAE latents, with steering", _chat_flags, cmd_chat),
+    ("serve", "local web app: streaming chat, per-token latents, steering, latent search", _serve_flags, cmd_serve),
+    ("viz", "write a self-contained HTML dashboard of every latent (opens from file://)", _viz_flags, cmd_viz),
+    ("export", "export for Neuronpedia, or upload an export", _export_flags, None),
+    ("label", "set, remove or list latent labels (labels.json in the SAE folder)", _label_flags, cmd_label),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nanosae", description="Sparse autoencoders for nanochat models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help, add_flags, run in COMMANDS:
+        p = sub.add_parser(name, help=help)
+        add_flags(p)
+        if run is not None:
+            p.set_defaults(func=run)
     return parser
 
 

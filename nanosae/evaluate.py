@@ -220,6 +220,36 @@ def _splice_hook(sae: SAE, keep: torch.Tensor, stash: dict) -> Callable:
     return splice
 
 
+def _ce_batch(
+    model: GPT,
+    idx: torch.Tensor,
+    keep: torch.Tensor,
+    ce: _CEStats,
+    site: str,
+    logp: torch.Tensor | None = None,
+    sae: SAE | None = None,
+    splice_keep: torch.Tensor | None = None,
+    ablate: bool = False,
+) -> dict:
+    """One batch of the CE/KL loop that `evaluate` and `make_train_eval` share, summed into `ce`: the clean CE
+    (log-probs computed unless given as logp), then with the SAE spliced in at `site` (where splice_keep, default
+    keep) and with the site zero-ablated (if `ablate`), each with its KL from the clean distribution. Returns the
+    SAE's x, f and x̂ at the site (empty without an SAE)."""
+    logp = _logprobs(model, idx) if logp is None else logp
+    ce.add(clean=_ce_sum(logp, idx, keep))
+    stash: dict = {}
+    if sae is not None:
+        hook = _splice_hook(sae, keep if splice_keep is None else splice_keep, stash)
+        logq = _logprobs(model, idx, {site: hook})
+        ce.add(sae=_ce_sum(logq, idx, keep), kl_sae=_kl_sum(logp, logq, keep))
+        del logq  # one vocabulary-wide tensor besides logp at a time
+    if ablate:
+        logq = _logprobs(model, idx, {site: _zero})
+        ce.add(abl=_ce_sum(logq, idx, keep), kl_abl=_kl_sum(logp, logq, keep))
+    ce.count(keep)
+    return stash
+
+
 @torch.no_grad()
 def _max_cosine(rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """max_{j≠i} cos(rows[i], rows[j]) without materialising the (n, n) matrix."""
@@ -290,32 +320,89 @@ def evaluate(
     per_batch = batch_size * context_size
     n_sv = max(1, math.ceil(n_tokens / per_batch))
     n_ce = math.ceil(ce_tokens / per_batch)
-    device = model.device
-    sae = sae if sae.device == device else copy.deepcopy(sae).to(device)  # leave the caller's SAE where it is
+    sae = sae if sae.device == model.device else copy.deepcopy(sae).to(model.device)  # the caller's SAE stays put
     specials = special_token_ids(tokenizer)
-    special = torch.tensor(sorted(specials), device=device)
-    acc_device = _acc_device(device)
-    stats, ce = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc_device), _CEStats(acc_device)
-    sv_tok = ce_tok = 0
 
     t0 = time.time()
     batches = islice(_batches(tokenizer, source, batch_size, context_size, split), max(n_sv, n_ce))
     bar = tqdm(total=max(n_sv, n_ce) * per_batch, unit="tok", unit_scale=True, desc="eval", disable=not progress)
+    stats, ce, sv_tok, ce_tok = _eval_pass(
+        sae, model, site, batches, n_sv, n_ce, specials, exclude_special_tokens_from_reconstruction, bar
+    )
+    seconds = time.time() - t0
+    if sv_tok < n_tokens or ce_tok < ce_tokens:
+        print(
+            f"nanosae eval: the data ran out after {sv_tok:,} tokens ({ce_tok:,} for CE/KL); "
+            "give more text (--data) or another --split"
+        )
+
+    metrics, cols = _result_metrics(stats, ce, sae, sv_tok, ce_tok, saebench_compat)
+    details = [{"index": i, **{k: v[i] for k, v in cols.items()}} for i in range(sae.cfg.d_sae)]
+    info = getattr(model, "info", None)
+    return {
+        "eval_type_id": "core",
+        "eval_config": {
+            "model_name": info.name if info else sae.cfg.model_name or "unnamed model",
+            "llm_dtype": str(model.compute_dtype).removeprefix("torch."),
+            "batch_size_prompts": batch_size,
+            "n_eval_reconstruction_batches": n_ce,
+            "n_eval_sparsity_variance_batches": n_sv,
+            "dataset": "token rows" if isinstance(source, torch.Tensor) else str(source or "builtin"),
+            "split": split,
+            "context_size": context_size,
+            "compute_kl": n_ce > 0,
+            "compute_ce_loss": n_ce > 0,
+            "compute_l2_norms": True,
+            "compute_sparsity_metrics": True,
+            "compute_variance_metrics": True,
+            "compute_featurewise_density_statistics": True,
+            "compute_featurewise_weight_based_metrics": True,
+            "exclude_special_tokens_from_reconstruction": exclude_special_tokens_from_reconstruction,
+            "saebench_compat": saebench_compat,
+            "ignore_token_ids": sorted(specials),
+        },
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": metrics,
+        "eval_result_details": details,
+        "sae_bench_commit_hash": None,
+        "sae_lens_id": sae_id or site,
+        "sae_lens_release_id": "nanosae",
+        "sae_lens_version": SAELENS_VERSION,
+        "sae_cfg_dict": saelens_cfg(sae.cfg),
+        "eval_result_unstructured": {
+            "site": site,
+            **_policy(specials, exclude_special_tokens_from_reconstruction, saebench_compat),
+            "seconds": seconds,
+        },
+    }
+
+
+def _eval_pass(
+    sae: SAE,
+    model: GPT,
+    site: str,
+    batches: Iterator[torch.Tensor],
+    n_sv: int,
+    n_ce: int,
+    specials: dict[int, str],
+    exclude_specials: bool,
+    bar: tqdm,
+) -> tuple[_Stats, _CEStats, int, int]:
+    """The one pass over the token batches: the first n_ce get CE/KL (clean, spliced, ablated), and their spliced
+    activations feed the sparsity/variance sums; the rest of the first n_sv get a forward stopped at the site.
+    Returns the sums and the tokens each metric set read."""
+    device = model.device
+    special = torch.tensor(sorted(specials), device=device)
+    acc_device = _acc_device(device)
+    stats, ce = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc_device), _CEStats(acc_device)
+    sv_tok = ce_tok = 0
     for i, idx in enumerate(batches):
         idx = idx.to(device)
         keep = ~torch.isin(idx, special)
         if i < n_ce:
-            splice_keep = keep if exclude_special_tokens_from_reconstruction else torch.ones_like(keep)
-            stash: dict = {}
-            logp = _logprobs(model, idx)
-            ce.add(clean=_ce_sum(logp, idx, keep))
-            logq = _logprobs(model, idx, {site: _splice_hook(sae, splice_keep, stash)})
-            ce.add(sae=_ce_sum(logq, idx, keep), kl_sae=_kl_sum(logp, logq, keep))
-            del logq
-            logq = _logprobs(model, idx, {site: _zero})
-            ce.add(abl=_ce_sum(logq, idx, keep), kl_abl=_kl_sum(logp, logq, keep))
-            del logq, logp
-            ce.count(keep)
+            splice_keep = keep if exclude_specials else torch.ones_like(keep)
+            stash = _ce_batch(model, idx, keep, ce, site, sae=sae, splice_keep=splice_keep, ablate=True)
             ce_tok += idx.numel()
             if i < n_sv:
                 stats.update(stash["x"], stash["f"], stash["xh"], keep)
@@ -326,13 +413,13 @@ def evaluate(
         sv_tok += idx.numel() if i < n_sv else 0
         bar.update(idx.numel())
     bar.close()
-    seconds = time.time() - t0
-    if sv_tok < n_tokens or ce_tok < ce_tokens:
-        print(
-            f"nanosae eval: the data ran out after {sv_tok:,} tokens ({ce_tok:,} for CE/KL); "
-            "give more text (--data) or another --split"
-        )
+    return stats, ce, sv_tok, ce_tok
 
+
+def _result_metrics(
+    stats: _Stats, ce: _CEStats, sae: SAE, sv_tok: int, ce_tok: int, saebench_compat: bool
+) -> tuple[dict, dict[str, list]]:
+    """SAEBench's eval_result_metrics, and the per-latent columns of eval_result_details."""
     recon = stats.metrics()
     density = (stats.fired / stats.n).cpu()
     cah = (stats.fired / stats.fired_prompts).cpu()  # 0/0 = NaN for latents that never fired, as in SAEBench
@@ -372,66 +459,34 @@ def evaluate(
         metrics["model_behavior_preservation"] = {k: m[k] for k in m if k.startswith("kl_")}
         metrics["model_performance_preservation"] = {k: m[k] for k in m if k.startswith("ce_")}
     cols = {"feature_density": density, "consistent_activation_heuristic": cah, **w}
-    cols = {k: v.tolist() for k, v in cols.items()}
-    details = [{"index": i, **{k: v[i] for k, v in cols.items()}} for i in range(sae.cfg.d_sae)]
-    info = getattr(model, "info", None)
+    return metrics, {k: v.tolist() for k, v in cols.items()}
+
+
+def _policy(specials: dict[int, str], exclude_specials: bool, saebench_compat: bool) -> dict:
+    """How tokens were masked and what each metric means, for the record."""
     return {
-        "eval_type_id": "core",
-        "eval_config": {
-            "model_name": info.name if info else sae.cfg.model_name or "unnamed model",
-            "llm_dtype": str(model.compute_dtype).removeprefix("torch."),
-            "batch_size_prompts": batch_size,
-            "n_eval_reconstruction_batches": n_ce,
-            "n_eval_sparsity_variance_batches": n_sv,
-            "dataset": "token rows" if isinstance(source, torch.Tensor) else str(source or "builtin"),
-            "split": split,
-            "context_size": context_size,
-            "compute_kl": n_ce > 0,
-            "compute_ce_loss": n_ce > 0,
-            "compute_l2_norms": True,
-            "compute_sparsity_metrics": True,
-            "compute_variance_metrics": True,
-            "compute_featurewise_density_statistics": True,
-            "compute_featurewise_weight_based_metrics": True,
-            "exclude_special_tokens_from_reconstruction": exclude_special_tokens_from_reconstruction,
-            "saebench_compat": saebench_compat,
-            "ignore_token_ids": sorted(specials),
+        "mask_policy": {
+            "masked_token_ids": {str(k): v for k, v in sorted(specials.items())},
+            "by": "token id (every nanochat special token)",
+            "sparsity_variance_density": "masked tokens dropped",
+            "reconstruction_splice": "original activation kept at masked tokens"
+            if exclude_specials
+            else "SAE spliced at every token",
+            "ce_kl": "per-token CE (keyed on the input token) and KL at masked positions dropped",
+            "zero_ablation": "every position zeroed",
         },
-        "eval_id": str(uuid.uuid4()),
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_result_metrics": metrics,
-        "eval_result_details": details,
-        "sae_bench_commit_hash": None,
-        "sae_lens_id": sae_id or site,
-        "sae_lens_release_id": "nanosae",
-        "sae_lens_version": SAELENS_VERSION,
-        "sae_cfg_dict": saelens_cfg(sae.cfg),
-        "eval_result_unstructured": {
-            "site": site,
-            "mask_policy": {
-                "masked_token_ids": {str(k): v for k, v in sorted(specials.items())},
-                "by": "token id (every nanochat special token)",
-                "sparsity_variance_density": "masked tokens dropped",
-                "reconstruction_splice": "original activation kept at masked tokens"
-                if exclude_special_tokens_from_reconstruction
-                else "SAE spliced at every token",
-                "ce_kl": "per-token CE (keyed on the input token) and KL at masked positions dropped",
-                "zero_ablation": "every position zeroed",
-            },
-            "metric_definitions": {
-                "explained_variance": "SAEBench's: 1 - mean_b E|x-x̂|² / (mean_b E|x|² - (mean_b E|x|²/d)²)"
-                if saebench_compat
-                else "centered: 1 - E|x-x̂|² / (E|x|² - |E x|²), float64, pooled over all tokens",
-                "mse": "SAEBench's: mean over tokens of |x-x̂|² / (unmasked tokens in its batch)"
-                if saebench_compat
-                else "E|x-x̂|² per token, summed over d",
-                "relative_reconstruction_bias": "E|x̂|²/E<x,x̂> per batch, averaged over batches"
-                if saebench_compat
-                else "E|x̂|²/E<x,x̂> pooled over all tokens",
-                "feature_density": "fraction of unmasked tokens with f > 0",
-                "kl_div": "sum_v p_clean (log p_clean - log p) over the full vocabulary, per position",
-            },
-            "seconds": seconds,
+        "metric_definitions": {
+            "explained_variance": "SAEBench's: 1 - mean_b E|x-x̂|² / (mean_b E|x|² - (mean_b E|x|²/d)²)"
+            if saebench_compat
+            else "centered: 1 - E|x-x̂|² / (E|x|² - |E x|²), float64, pooled over all tokens",
+            "mse": "SAEBench's: mean over tokens of |x-x̂|² / (unmasked tokens in its batch)"
+            if saebench_compat
+            else "E|x-x̂|² per token, summed over d",
+            "relative_reconstruction_bias": "E|x̂|²/E<x,x̂> per batch, averaged over batches"
+            if saebench_compat
+            else "E|x̂|²/E<x,x̂> pooled over all tokens",
+            "feature_density": "fraction of unmasked tokens with f > 0",
+            "kl_div": "sum_v p_clean (log p_clean - log p) over the full vocabulary, per position",
         },
     }
 
@@ -555,7 +610,7 @@ def make_train_eval(
     keep_logp = sum(idx.numel() for idx, _ in batches) * vocab * 4 <= 256 << 20
     with torch.no_grad():
         clean = [_logprobs(model, idx) if keep_logp else None for idx, _ in batches]
-    ablated: dict[str, dict[str, torch.Tensor]] = {}  # site -> summed clean CE, ablated CE, ablated KL
+    ablated: dict[str, dict[str, torch.Tensor]] = {}  # site -> summed ablated CE and KL
 
     @torch.no_grad()
     def run(sae: SAE) -> dict[str, float]:
@@ -563,19 +618,13 @@ def make_train_eval(
         if site not in ablated:
             base = _CEStats(acc_device)
             for (idx, keep), logp in zip(batches, clean):
-                logp = _logprobs(model, idx) if logp is None else logp
-                logq = _logprobs(model, idx, {site: _zero})
-                base.add(clean=_ce_sum(logp, idx, keep), abl=_ce_sum(logq, idx, keep), kl_abl=_kl_sum(logp, logq, keep))
-            ablated[site] = {k: base.s[k] for k in ("clean", "abl", "kl_abl")}
+                _ce_batch(model, idx, keep, base, site, logp, ablate=True)
+            ablated[site] = {k: base.s[k] for k in ("abl", "kl_abl")}
         ce = _CEStats(acc_device)
         ce.s.update({k: v.clone() for k, v in ablated[site].items()})
         stats = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc_device)
         for (idx, keep), logp in zip(batches, clean):
-            logp = _logprobs(model, idx) if logp is None else logp
-            stash: dict = {}
-            logq = _logprobs(model, idx, {site: _splice_hook(sae, keep, stash)})
-            ce.add(sae=_ce_sum(logq, idx, keep), kl_sae=_kl_sum(logp, logq, keep))
-            ce.count(keep)
+            stash = _ce_batch(model, idx, keep, ce, site, logp, sae=sae)
             stats.update(stash["x"], stash["f"], stash["xh"], keep)
         r, m = stats.metrics(), ce.metrics()
         return {

@@ -47,8 +47,8 @@ RECOMPUTE = "nothing was changed: compute them again (nanosae viz --recompute) o
 
 @dataclass
 class FeatureConfig:
-    n_tokens: int = 262_144
-    seq_len: int = 128
+    n_tokens: int = 262_144  # tokens read, in prompts of seq_len tokens
+    seq_len: int = 128  # tokens per prompt (Neuronpedia uses 128)
     batch_size: int = 0  # rows per forward; 0 = about 2^24 latent values per batch
     split: str | None = "train"
     top_k: int = 20  # top activating examples kept per latent

@@ -176,32 +176,64 @@ def export_neuronpedia(
     mid, src, sset, layer = n["model_id"], n["source"], n["set_name"], n["layer"]
     now = created_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     labels = labels or {}
-    m, D = stats.meta, stats.d_sae
-    if sae.cfg.d_sae != D:
-        raise NanosaeError(f"the statistics are for {D} latents but the SAE has {sae.cfg.d_sae}; recompute them")
+    if sae.cfg.d_sae != stats.d_sae:
+        raise NanosaeError(
+            f"the statistics are for {stats.d_sae} latents but the SAE has {sae.cfg.d_sae}; recompute them"
+        )
+    weights = _write_weights(stats, sae, out / "saelens", mid, src)
+    # path A: SAEDashboard batches; path B: the bulk-import layout, batch by batch alongside path A
+    dash = out / "dashboard" / f"{mid}_{sset}_{n['hook_name']}_{stats.d_sae}"
+    kept = _write_run_settings(stats, n, dash, log_sparsity)
+    exp = out / "exports" / mid / src
+    common = {"creatorId": creator, "createdAt": now}
+    _write_bulk_headers(stats, n, exp, creator, hf_repo, common)
+    written = []
+    with ThreadPoolExecutor(1) as io:
+        for b, s in enumerate(tqdm(range(0, len(kept), BATCH), desc="export", unit="batch", disable=not progress)):
+            feats = [dashboard_feature(stats, i) for i in kept[s : s + BATCH]]
+            atomic_write_json(
+                dash / f"batch-{b}.json",
+                {"model_id": mid, "layer": layer, "sae_set": sset, "sae_id_suffix": None, "features": feats},
+                indent=None,
+            )
+            f_rows = [_feature_record(stats, f, n, common) for f in feats]
+            a_rows = [r for f in feats for r in _activation_records(f, n, stats.meta["dataset"], creator, now)]
+            e_rows = [_explanation_record(f["feature_index"], labels, n, creator, now) for f in feats]
+            e_rows = [r for r in e_rows if r is not None]
+            written.append(_jsonl_gz(exp / "features" / f"batch-{b}.jsonl.gz", f_rows, io))
+            written.append(_jsonl_gz(exp / "activations" / f"batch-{b}.jsonl.gz", a_rows, io))
+            if e_rows:
+                written.append(_jsonl_gz(exp / "explanations" / f"batch-{b}.jsonl.gz", e_rows, io))
+    for w in written:
+        w.result()  # raises what a write raised
+    return {"saelens": weights, "dashboard": dash, "exports": exp}
 
-    # the weights, as a SAELens folder that knows its Neuronpedia id
+
+def _write_weights(stats, sae, path: Path, model_id: str, source: str) -> Path:
+    """The weights as a SAELens folder (log10 densities as sparsity) that knows its Neuronpedia id."""
     density = torch.from_numpy(stats.a("density").astype(np.float32))
-    weights = sae.save(out / "saelens", sparsity=torch.log10(density.clamp(min=1e-10)))
+    weights = sae.save(path, sparsity=torch.log10(density.clamp(min=1e-10)))
     cfg = json.loads((weights / "cfg.json").read_text())
-    cfg.setdefault("metadata", {})["neuronpedia_id"] = f"{mid}/{src}"
-    cfg["metadata"]["model_name"] = cfg["metadata"].get("model_name") or mid
+    cfg.setdefault("metadata", {})["neuronpedia_id"] = f"{model_id}/{source}"
+    cfg["metadata"]["model_name"] = cfg["metadata"].get("model_name") or model_id
     atomic_write_json(weights / "cfg.json", cfg)
+    return weights
 
-    # path A: SAEDashboard batches
-    dash = out / "dashboard" / f"{mid}_{sset}_{n['hook_name']}_{D}"
-    d = stats.a("density")
+
+def _write_run_settings(stats, n: dict, dash: Path, log_sparsity: float) -> list[int]:
+    """SAEDashboard's run_settings.json and skipped_indexes.json; returns the latents kept (the others' log10
+    density is below log_sparsity)."""
+    m, d = stats.meta, stats.a("density")
     with np.errstate(divide="ignore"):
         skipped = [int(i) for i in np.nonzero(np.log10(d) < log_sparsity)[0]]
-    kept = sorted(set(range(D)) - set(skipped))
     run_settings = {
         "generator": "nanosae",
-        "model_id": mid,
-        "sae_set": sset,
-        "layer": layer,
+        "model_id": n["model_id"],
+        "sae_set": n["set_name"],
+        "layer": n["layer"],
         "hook_name": n["hook_name"],
         "nanosae_site": m["site"],
-        "d_sae": D,
+        "d_sae": stats.d_sae,
         "architecture": m["architecture"],
         "n_prompts_total": m["n_prompts"],
         "n_tokens_in_prompt": m["seq_len"],
@@ -216,152 +248,129 @@ def export_neuronpedia(
         "ignore_tokens": m["special_ids"],
     }
     atomic_write_json(dash / "run_settings.json", run_settings)
+    where = {"model_id": n["model_id"], "layer": n["layer"], "sae_set": n["set_name"]}
     atomic_write_json(
-        dash / "skipped_indexes.json",
-        {"model_id": mid, "layer": layer, "sae_set": sset, "log_sparsity": log_sparsity, "skipped_indexes": skipped},
+        dash / "skipped_indexes.json", {**where, "log_sparsity": log_sparsity, "skipped_indexes": skipped}
     )
+    return sorted(set(range(stats.d_sae)) - set(skipped))
 
-    # path B: the bulk-import layout, batch by batch alongside path A
-    exp = out / "exports" / mid / src
-    common = {"creatorId": creator, "createdAt": now}
-    _jsonl(
-        exp / "release.jsonl",
-        [
-            {
-                "name": f"{mid}-{sset}",
-                "description": f"nanosae {m['architecture']} SAEs on {mid}, {m['site']}",
-                "descriptionShort": f"nanosae {sset}",
-                "urls": [f"https://huggingface.co/{hf_repo}"] if hf_repo else [],
-                "creatorName": creator,
-                "creatorNameShort": creator,
-                **common,
-            }
-        ],
-    )
+
+def _write_bulk_headers(stats, n: dict, exp: Path, creator: str, hf_repo: str | None, common: dict) -> None:
+    """release.jsonl, model.jsonl, sourceset.jsonl and source.jsonl of the bulk-import layout."""
+    m, mid, sset, now = stats.meta, n["model_id"], n["set_name"], common["createdAt"]
+    release = {
+        "name": f"{mid}-{sset}",
+        "description": f"nanosae {m['architecture']} SAEs on {mid}, {m['site']}",
+        "descriptionShort": f"nanosae {sset}",
+        "urls": [f"https://huggingface.co/{hf_repo}"] if hf_repo else [],
+        "creatorName": creator,
+        "creatorNameShort": creator,
+        **common,
+    }
     instruct = mid.endswith(("-sft", "-rl"))
-    _jsonl(
-        exp / "model.jsonl",
-        [{"id": mid, "instruct": instruct, "displayName": mid, "displayNameShort": mid, **common, "updatedAt": now}],
-    )
-    _jsonl(
-        exp / "sourceset.jsonl",
-        [
+    model = {"id": mid, "instruct": instruct, "displayName": mid, "displayNameShort": mid, **common, "updatedAt": now}
+    sourceset = {
+        "modelId": mid,
+        "name": sset,
+        "description": f"{m['site']} · {stats.d_sae} latents ({m['architecture']})",
+        "creatorName": creator,
+        "releaseName": f"{mid}-{sset}",
+        "visibility": "PUBLIC",
+        **common,
+    }
+    source = {
+        "id": n["source"],
+        "modelId": mid,
+        "setName": sset,
+        "dataset": m["dataset"],
+        "num_prompts": m["n_prompts"],
+        "num_tokens_in_prompt": m["seq_len"],
+        "hfRepoId": hf_repo,
+        "hfFolderId": "saelens" if hf_repo else None,
+        "visibility": "PUBLIC",
+        **common,
+    }
+    for name, record in (("release", release), ("model", model), ("sourceset", sourceset), ("source", source)):
+        _jsonl(exp / f"{name}.jsonl", [record])
+
+
+def _feature_record(stats, f: dict, n: dict, common: dict) -> dict:
+    """A latent's features/ record: its dashboard fields (less the activations) with Neuronpedia's own."""
+    i = f["feature_index"]
+    mx = float(stats.a("max")[i])
+    skip = ("feature_index", "activations", "vector", "n_prompts_total", "n_tokens_in_prompt", "dataset")
+    return {
+        "modelId": n["model_id"],
+        "layer": n["source"],
+        "index": str(i),
+        **common,
+        "maxActApprox": round(mx, 3),
+        "hasVector": False,
+        "vector": [],
+        "vectorLabel": None,
+        "vectorDefaultSteerStrength": round(mx, 3),
+        "hookName": n["hook_name"],
+        "topkCosSimIndices": stats.a("nb_idx")[i].tolist(),
+        "topkCosSimValues": _r3(stats.a("nb_cos")[i]),
+        **{k: v for k, v in f.items() if k not in skip},
+        "sourceSetName": n["set_name"],
+    }
+
+
+def _activation_records(f: dict, n: dict, dataset: str, creator: str, now: str) -> list[dict]:
+    """A latent's activations/ records, one per example of its dashboard feature."""
+    i, mid, src, rows = f["feature_index"], n["model_id"], n["source"], []
+    for k, act in enumerate(f["activations"]):
+        vals = act["values"]
+        rows.append(
             {
+                "id": _id(mid, src, i, k),
+                "tokens": act["tokens"],
+                "index": str(i),
+                "layer": src,
                 "modelId": mid,
-                "name": sset,
-                "description": f"{m['site']} · {D} latents ({m['architecture']})",
-                "creatorName": creator,
-                "releaseName": f"{mid}-{sset}",
-                "visibility": "PUBLIC",
-                **common,
+                "maxValue": max(vals),
+                "maxValueTokenIndex": vals.index(max(vals)),  # the first, as argmax
+                "minValue": min(vals),
+                "values": vals,
+                "creatorId": creator,
+                "binMin": act["bin_min"],
+                "binMax": act["bin_max"],
+                "binContains": act["bin_contains"],
+                "qualifyingTokenIndex": act["qualifying_token_index"],
+                "dfaValues": [],
+                "dfaTargetIndex": None,
+                "dfaMaxValue": None,
+                "lossValues": [],
+                "logitContributions": None,
+                "dataSource": dataset,
+                "dataIndex": None,
+                "createdAt": now,
             }
-        ],
-    )
-    _jsonl(
-        exp / "source.jsonl",
-        [
-            {
-                "id": src,
-                "modelId": mid,
-                "setName": sset,
-                "dataset": m["dataset"],
-                "num_prompts": m["n_prompts"],
-                "num_tokens_in_prompt": m["seq_len"],
-                "hfRepoId": hf_repo,
-                "hfFolderId": "saelens" if hf_repo else None,
-                "visibility": "PUBLIC",
-                **common,
-            }
-        ],
-    )
-    top_cos = stats.a("nb_idx"), stats.a("nb_cos")
-    written = []
-    with ThreadPoolExecutor(1) as io:
-        for b, s in enumerate(tqdm(range(0, len(kept), BATCH), desc="export", unit="batch", disable=not progress)):
-            feats = [dashboard_feature(stats, i) for i in kept[s : s + BATCH]]
-            atomic_write_json(
-                dash / f"batch-{b}.json",
-                {"model_id": mid, "layer": layer, "sae_set": sset, "sae_id_suffix": None, "features": feats},
-                indent=None,
-            )
-            f_rows, a_rows, e_rows = [], [], []
-            for f in feats:
-                i = f["feature_index"]
-                mx = float(stats.a("max")[i])
-                dash_fields = {k: v for k, v in f.items() if k not in ("feature_index", "activations", "vector")}
-                dash_fields.pop("n_prompts_total"), dash_fields.pop("n_tokens_in_prompt"), dash_fields.pop("dataset")
-                f_rows.append(
-                    {
-                        "modelId": mid,
-                        "layer": src,
-                        "index": str(i),
-                        **common,
-                        "maxActApprox": round(mx, 3),
-                        "hasVector": False,
-                        "vector": [],
-                        "vectorLabel": None,
-                        "vectorDefaultSteerStrength": round(mx, 3),
-                        "hookName": n["hook_name"],
-                        "topkCosSimIndices": top_cos[0][i].tolist(),
-                        "topkCosSimValues": _r3(top_cos[1][i]),
-                        **dash_fields,
-                        "sourceSetName": sset,
-                    }
-                )
-                for k, act in enumerate(f["activations"]):
-                    vals = act["values"]
-                    a_rows.append(
-                        {
-                            "id": _id(mid, src, i, k),
-                            "tokens": act["tokens"],
-                            "index": str(i),
-                            "layer": src,
-                            "modelId": mid,
-                            "maxValue": max(vals),
-                            "maxValueTokenIndex": vals.index(max(vals)),  # the first, as argmax
-                            "minValue": min(vals),
-                            "values": vals,
-                            "creatorId": creator,
-                            "binMin": act["bin_min"],
-                            "binMax": act["bin_max"],
-                            "binContains": act["bin_contains"],
-                            "qualifyingTokenIndex": act["qualifying_token_index"],
-                            "dfaValues": [],
-                            "dfaTargetIndex": None,
-                            "dfaMaxValue": None,
-                            "lossValues": [],
-                            "logitContributions": None,
-                            "dataSource": m["dataset"],
-                            "dataIndex": None,
-                            "createdAt": now,
-                        }
-                    )
-                if i in labels:
-                    rec = labels[i]
-                    auto = rec.get("source") == "auto"
-                    e_rows.append(
-                        {
-                            "id": _id("explanation", mid, src, i),
-                            "modelId": mid,
-                            "layer": src,
-                            "index": str(i),
-                            "description": rec["text"],
-                            "authorId": creator,
-                            "typeName": "nanosae-auto" if auto else "human",
-                            "explanationModelName": rec.get("model") if auto else None,
-                            "embedding": None,
-                            "triggeredById": None,
-                            "notes": None,
-                            "createdAt": now,
-                        }
-                    )
-            written.append(_jsonl_gz(exp / "features" / f"batch-{b}.jsonl.gz", f_rows, io))
-            written.append(_jsonl_gz(exp / "activations" / f"batch-{b}.jsonl.gz", a_rows, io))
-            if e_rows:
-                written.append(_jsonl_gz(exp / "explanations" / f"batch-{b}.jsonl.gz", e_rows, io))
-    for w in written:
-        w.result()  # raises what a write raised
-    return {"saelens": weights, "dashboard": dash, "exports": exp}
+        )
+    return rows
+
+
+def _explanation_record(i: int, labels: dict[int, dict], n: dict, creator: str, now: str) -> dict | None:
+    """The explanations/ record of a labelled latent (None without a label)."""
+    if i not in labels:
+        return None
+    rec = labels[i]
+    auto = rec.get("source") == "auto"
+    return {
+        "id": _id("explanation", n["model_id"], n["source"], i),
+        "modelId": n["model_id"],
+        "layer": n["source"],
+        "index": str(i),
+        "description": rec["text"],
+        "authorId": creator,
+        "typeName": "nanosae-auto" if auto else "human",
+        "explanationModelName": rec.get("model") if auto else None,
+        "embedding": None,
+        "triggeredById": None,
+        "notes": None,
+        "createdAt": now,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- upload

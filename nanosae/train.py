@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text, remove_leftovers, verify_sha256
 from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
@@ -135,13 +136,6 @@ class TensorStream:
 
 # ---------------------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops on one process)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
@@ -466,8 +460,17 @@ def changed_settings(cfg: TrainConfig, ckpt: dict) -> list[str]:
 
 
 def _check_resume(cfg: TrainConfig, ckpt: dict, world: int) -> None:
-    if changed := changed_settings(cfg, ckpt):
+    # a resume may also change the length (tokens): more extend the run, finished or not, and the schedules (LR
+    # warm-up and decay, λ warm-up, resampling, the default dead-latent window) follow the new length from the step
+    # the run stands at. A finished run has decayed its LR to ~0: extended, it goes back to the full LR, then
+    # decays again over the last lr_decay_frac of the new length.
+    if changed := [k for k in changed_settings(cfg, ckpt) if k != "tokens"]:
         raise NanosaeError(f"--resume with different settings ({', '.join(changed)}); resume with the saved ones")
+    if cfg.steps < ckpt["step"]:
+        raise NanosaeError(
+            f"--tokens {cfg.tokens:,} is fewer than the {ckpt['step'] * cfg.batch_size:,} tokens this run has "
+            "trained; resume with as many or more"
+        )
     if len(ckpt["streams"]) != world:
         raise NanosaeError(
             f"the checkpoint was written by {len(ckpt['streams'])} ranks; resume with as many, not {world}"
