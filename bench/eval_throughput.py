@@ -80,9 +80,27 @@ def main() -> None:
         f"{n_ce * B * T:,} of them with CE/KL"
     )
 
+    r = compare(model, tok, sae, site, rows, ce_tokens, B)
+    print(format_table(r["result"]))
+    print(
+        f"floor: {r['floor_s']:.1f}s ({rows.numel() / r['floor_s']:,.0f} tok/s), peak memory {r['floor_mib']:,.0f} MiB"
+    )
+    print(f"eval:  {r['eval_s']:.1f}s ({rows.numel() / r['eval_s']:,.0f} tok/s), peak memory {r['eval_mib']:,.0f} MiB")
+    print(f"ratio: {r['floor_s'] / r['eval_s']:.3f}")
+
+
+def compare(
+    model: GPT, tok: Tokenizer, sae: SAE, site: str, rows: torch.Tensor, ce_tokens: int, B: int, progress: bool = True
+) -> dict:
+    """Seconds and peak accelerator memory (MiB; NaN on CPU) of the floor and of `evaluate` over the token `rows`,
+    the first `ce_tokens` of them with CE/KL; `result` is the eval's output."""
+    device = model.device
+    T = rows.shape[1]
+    n_ce = math.ceil(ce_tokens / (B * T))
+
     def sync():
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     @torch.no_grad()
     def floor() -> float:
@@ -105,21 +123,21 @@ def main() -> None:
     def peak(fn):
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         return out, mem
 
+    def run_eval():
+        t = time.perf_counter()
+        result = evaluate(sae, model, tok, rows, rows.numel(), ce_tokens=ce_tokens, batch_size=B, progress=progress)
+        sync()
+        return time.perf_counter() - t, result
+
     evaluate(sae, model, tok, rows[: 2 * B], 2 * B * T, ce_tokens=B * T, batch_size=B, progress=False)  # warm-up
-    floor_s, floor_mem = peak(floor)
-    t = time.perf_counter()
-    result, eval_mem = peak(lambda: evaluate(sae, model, tok, rows, rows.numel(), ce_tokens=ce_tokens, batch_size=B))
-    sync()
-    eval_s = time.perf_counter() - t
-    print(format_table(result))
-    print(f"floor: {floor_s:.1f}s ({rows.numel() / floor_s:,.0f} tok/s), peak memory {floor_mem:,.0f} MiB")
-    print(f"eval:  {eval_s:.1f}s ({rows.numel() / eval_s:,.0f} tok/s), peak memory {eval_mem:,.0f} MiB")
-    print(f"ratio: {floor_s / eval_s:.3f}")
+    floor_s, floor_mib = peak(floor)
+    (eval_s, result), eval_mib = peak(run_eval)
+    return {"floor_s": floor_s, "eval_s": eval_s, "floor_mib": floor_mib, "eval_mib": eval_mib, "result": result}
 
 
 if __name__ == "__main__":

@@ -65,53 +65,8 @@ def main() -> None:
     batches = [torch.tensor(data[i : i + rows]) for i in range(0, len(data), rows)]
     n = sum(b.numel() for b in batches)
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    # on CPU, this process's CPU time: on a shared machine wall time swings with the other processes' load
-    clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
-
-    @torch.inference_mode()
-    def baseline() -> float:
-        sync()
-        t0 = clock()
-        for b in batches:
-            _, acts = run_with_cache(model, b.to(args.device), [site], stop_early=True)
-            sae.encode(acts[site].reshape(-1, d_in).float())
-        sync()
-        return clock() - t0
-
-    def features() -> float:
-        sync()
-        t0 = clock()
-        compute_features(model, tok, sae, batches, cfg, progress=False)
-        sync()
-        return clock() - t0
-
-    @torch.inference_mode()
-    def sparse_baseline() -> float:  # the same, without materializing the dense (N, d_sae) latents
-        sync()
-        t0 = clock()
-        for b in batches:
-            _, acts = run_with_cache(model, b.to(args.device), [site], stop_early=True)
-            sparse_latents(sae, acts[site].reshape(-1, d_in).float())
-        sync()
-        return clock() - t0
-
-    @torch.inference_mode()
-    def weights() -> float:
-        t0 = clock()
-        _weight_stats(model, sae, site, cfg)
-        sync()
-        return clock() - t0
-
-    base, sparse, feat, fixed = math.inf, math.inf, math.inf, math.inf
-    for _ in range(args.repeats):
-        base = min(base, baseline())
-        sparse = min(sparse, sparse_baseline())
-        feat = min(feat, features())
-        fixed = min(fixed, weights())
+    r = compare(model, tok, sae, site, batches, cfg, args.repeats)
+    base, sparse, feat, fixed = r["base_s"], r["sparse_s"], r["pass_s"], r["weights_s"]
     state = _Pass(args.d_sae, d_in, cfg, "cpu")
     state_bytes = sum(t.nbytes for t in vars(state).values() if isinstance(t, torch.Tensor))
     state_bytes += sum(
@@ -133,6 +88,61 @@ def main() -> None:
     )
     print(f"ratio with the weight statistics: {feat / base:.3f}")
     print(f"ratio: {(feat - fixed) / base:.3f}")
+
+
+def compare(model, tok, sae: SAE, site: str, batches: list[torch.Tensor], cfg: FeatureConfig, repeats: int) -> dict:
+    """Best of `repeats` seconds of forward + SAE.encode (`base_s`), forward + top-k without the dense latents
+    (`sparse_s`), the whole feature pass (`pass_s`) and its weight-only statistics alone (`weights_s`)."""
+    d_in, device = sae.cfg.d_in, sae.device
+    # on CPU, this process's CPU time: on a shared machine wall time swings with the other processes' load
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def baseline() -> float:
+        sync()
+        t0 = clock()
+        for b in batches:
+            _, acts = run_with_cache(model, b.to(device), [site], stop_early=True)
+            sae.encode(acts[site].reshape(-1, d_in).float())
+        sync()
+        return clock() - t0
+
+    def features() -> float:
+        sync()
+        t0 = clock()
+        compute_features(model, tok, sae, batches, cfg, progress=False)
+        sync()
+        return clock() - t0
+
+    @torch.inference_mode()
+    def sparse_baseline() -> float:  # the same, without materializing the dense (N, d_sae) latents
+        sync()
+        t0 = clock()
+        for b in batches:
+            _, acts = run_with_cache(model, b.to(device), [site], stop_early=True)
+            sparse_latents(sae, acts[site].reshape(-1, d_in).float())
+        sync()
+        return clock() - t0
+
+    @torch.inference_mode()
+    def weights() -> float:
+        sync()
+        t0 = clock()
+        _weight_stats(model, sae, site, cfg)
+        sync()
+        return clock() - t0
+
+    base, sparse, feat, fixed = math.inf, math.inf, math.inf, math.inf
+    for _ in range(repeats):
+        base = min(base, baseline())
+        sparse = min(sparse, sparse_baseline())
+        feat = min(feat, features())
+        fixed = min(fixed, weights())
+    return {"base_s": base, "sparse_s": sparse, "pass_s": feat, "weights_s": fixed}
 
 
 if __name__ == "__main__":

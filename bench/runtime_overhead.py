@@ -78,9 +78,34 @@ def main() -> None:
     sae = sae.to(dev).requires_grad_(False)
     prompt = torch.randint(0, cfg.vocab_size - 16, (args.prompt,)).tolist()
     n = args.tokens
+    print(
+        f"device {dev}, model d12 ({model.num_params() / 1e6:.0f}M params, {model.compute_dtype}), "
+        f"SAE topk d_sae {d_sae}, prompt {args.prompt} + {n} generated tokens, {args.rounds} rounds, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    r = compare(model, sae, prompt, n, args.rounds, args.top_n)
+    plain_s, tracked_s, t_hook = r["plain_s"], r["tracked_s"], r["hook_s"]
+    print(f"plain   {n / plain_s:7.1f} tok/s (median)")
+    print(
+        f"tracked {n / tracked_s:7.1f} tok/s (median), the hook alone {t_hook * 1e3:.2f} ms/token "
+        f"= {t_hook / (plain_s / n):.1%} of a plain step"
+    )
+    print(
+        f"floor: encoder {2 * cfg.n_embd * d_sae / 1e6:.1f} MFLOP / model {r['model_flops'] / 1e6:.0f} "
+        f"MFLOP per token at context {r['context']:.0f} (model.flops_per_token() at full context: "
+        f"{2 * cfg.n_embd * d_sae / model.flops_per_token():.1%})"
+    )
+    print(f"ratio to floor: {r['overhead'] / r['floor']:.2f}")
+    print(f"overhead: {r['overhead']:.1%} (floor: {r['floor']:.1%})")
+
+
+def compare(model: GPT, sae: SAE, prompt: list[int], n: int, rounds: int, top_n: int, verbose: bool = True) -> dict:
+    """Plain and tracked generation of n tokens after `prompt`, in lockstep for `rounds` rounds (after a warm-up):
+    median seconds of each, the overhead (median tracked / plain - 1), its FLOP floor, and the hook alone."""
+    dev = str(model.device)
 
     def runs():
-        tracker = Tracker(sae, args.top_n)
+        tracker = Tracker(sae, top_n)
         gens = {
             "plain": generate_stream(model, prompt, n),
             "tracked": generate_tracked(model, sae, prompt, n, tracker=tracker),
@@ -107,41 +132,32 @@ def main() -> None:
         assert counts == {"plain": n, "tracked": n} and len(tracker.records) == len(prompt) + n
         return spent
 
-    print(
-        f"device {dev}, model d12 ({model.num_params() / 1e6:.0f}M params, {model.compute_dtype}), "
-        f"SAE topk d_sae {d_sae}, prompt {args.prompt} + {n} generated tokens, {args.rounds} rounds, "
-        f"{torch.get_num_threads()} CPU threads"
-    )
     lockstep()  # warm-up
     ratios, t_plain, t_tracked = [], [], []
-    for r in range(args.rounds):
+    for r in range(rounds):
         spent = lockstep()
         tp, tt = spent["plain"], spent["tracked"]
         t_plain.append(tp), t_tracked.append(tt), ratios.append(tt / tp)
-        print(f"round {r}: plain {n / tp:7.1f} tok/s   tracked {n / tt:7.1f} tok/s   ratio {tt / tp:.3f}")
+        if verbose:
+            print(f"round {r}: plain {n / tp:7.1f} tok/s   tracked {n / tt:7.1f} tok/s   ratio {tt / tp:.3f}")
 
     # the hook alone on one decode-step activation, for the record
-    x = torch.randn(1, 1, cfg.n_embd, device=dev, dtype=model.compute_dtype)
-    tracker = Tracker(sae, args.top_n)
+    x = torch.randn(1, 1, sae.cfg.d_in, device=dev, dtype=model.compute_dtype)
+    tracker = Tracker(sae, top_n)
     with torch.inference_mode():
         t_hook = timed(lambda: [tracker.hook(x, 0) or tracker.flush() for _ in range(200)], dev) / 200
 
-    plain_s, tracked_s = statistics.median(t_plain), statistics.median(t_tracked)
-    context = args.prompt + n / 2  # mean keys attended per generated token
-    floor = 2.0 * cfg.n_embd * d_sae / model_flops(model, context)
-    overhead = statistics.median(ratios) - 1
-    print(f"plain   {n / plain_s:7.1f} tok/s (median)")
-    print(
-        f"tracked {n / tracked_s:7.1f} tok/s (median), the hook alone {t_hook * 1e3:.2f} ms/token "
-        f"= {t_hook / (plain_s / n):.1%} of a plain step"
-    )
-    print(
-        f"floor: encoder {2 * cfg.n_embd * d_sae / 1e6:.1f} MFLOP / model {model_flops(model, context) / 1e6:.0f} "
-        f"MFLOP per token at context {context:.0f} (model.flops_per_token() at full context: "
-        f"{2 * cfg.n_embd * d_sae / model.flops_per_token():.1%})"
-    )
-    print(f"ratio to floor: {overhead / floor:.2f}")
-    print(f"overhead: {overhead:.1%} (floor: {floor:.1%})")
+    context = len(prompt) + n / 2  # mean keys attended per generated token
+    flops = model_flops(model, context)
+    return {
+        "plain_s": statistics.median(t_plain),
+        "tracked_s": statistics.median(t_tracked),
+        "hook_s": t_hook,
+        "overhead": statistics.median(ratios) - 1,
+        "floor": 2.0 * sae.cfg.d_in * sae.cfg.d_sae / flops,
+        "model_flops": flops,
+        "context": context,
+    }
 
 
 if __name__ == "__main__":
