@@ -8,6 +8,8 @@ import sys
 
 from .errors import NanosaeError
 
+CHAT_SAE_HELP = "SAE folder (default: nanosae-demo/sae when `nanosae demo` made it here from this model)"
+
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="checkpoint dir, nanochat base dir or model_XXXXXX.pt")
@@ -72,6 +74,30 @@ def _train_lm_args(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, default=None, help="text/.jsonl/.parquet file or dir, or builtin (the default)")
         else:
             g.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default}")
+
+
+def cmd_train_sft(args) -> None:
+    import dataclasses
+
+    from .lm_train import SFTConfig, main_sft
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    main_sft(SFTConfig(**{k: v for k, v in vars(args).items() if k in fields}), args.base, args.force)
+
+
+def _train_sft_args(p: argparse.ArgumentParser) -> None:
+    """One flag per SFTConfig field, so the CLI and the Python config agree."""
+    import dataclasses
+
+    from .lm_train import SFTConfig
+
+    p.add_argument("--base", default=None, help="a folder train-lm wrote (default: the tiny model, trained if needed)")
+    p.add_argument("--force", action="store_true", help="fine-tune again even if this config was before")
+    g = p.add_argument_group("config (defaults finish in about 3 minutes on 2 CPU cores)")
+    for f in dataclasses.fields(SFTConfig):
+        g.add_argument(
+            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f"default {f.default}"
+        )
 
 
 def cmd_eval(args) -> None:
@@ -312,10 +338,11 @@ def _steers(args) -> list:
 
 
 def cmd_chat(args) -> None:
-    from .chat import ChatSession, chat
+    from .chat import ChatSession, chat, chat_defaults
     from .runtime import check_steers, load_runtime
 
     steers = _steers(args)  # flags are checked before the model loads
+    args.model, args.phase, args.sae, _ = chat_defaults(args.model, args.phase, args.sae, None, "chat")
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
     check_steers(sae, steers)
@@ -337,9 +364,13 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .chat import chat_defaults
     from .runtime import load_runtime
     from .server import Runtime, serve
 
+    args.model, args.phase, args.sae, args.dashboard = chat_defaults(
+        args.model, args.phase, args.sae, args.dashboard, "serve"
+    )
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
     rt = Runtime(model, tok, sae, units, labels, args.dashboard, args.temperature, args.top_k, args.max_tokens)
@@ -476,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_lm_args(p)
     p.set_defaults(func=cmd_train_lm)
 
+    p = sub.add_parser("train-sft", help="fine-tune the tiny model into a chat model (cached) and print answers")
+    _train_sft_args(p)
+    p.set_defaults(func=cmd_train_sft)
+
     p = sub.add_parser("eval", help="SAEBench core metrics of an SAE spliced into its model (EV, L0, CE/KL, density)")
     p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     _model_args(p)
@@ -552,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("chat", help="terminal chat showing each token's SAE latents, with steering")
-    _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _model_args(p, required=False)
+    p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -566,8 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="local web app: streaming chat, per-token latents, steering, latent search")
-    _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _model_args(p, required=False)
+    p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dashboard", default=None, help="the --out folder of nanosae viz, linked from latents")
