@@ -231,19 +231,20 @@ def chat_defaults(
     """(model, phase, sae, dashboard) for chat and serve. No model: the tiny chat model (fine-tuned from the tiny
     base model, each trained first unless cached). A base dir and no phase: its chat model (a train-lm folder
     without one gets it fine-tuned now). No SAE: the one `nanosae demo` wrote into ./nanosae-demo from this same
-    base dir (its dashboard too), said aloud; otherwise an error naming what to pass."""
+    base dir (its dashboard too), said aloud; otherwise an error naming what to pass, before any training."""
     from .checkpoint import PHASE_DIRS
-    from .lm_train import ensure_chat_model, read_marker, read_sft_marker
+    from .lm_train import ensure_chat_model, read_marker, read_sft_marker, tiny_dir
 
-    if model is None:
+    default, fine_tune = model is None, False  # the chat model is made only once the SAE question is settled
+    if default:
         if phase not in (None, "sft"):
             raise NanosaeError(f"--phase {phase} needs --model (with no --model, {command} uses the tiny chat model)")
         print("no --model: using the tiny chat model (nanosae train-sft), trained first where it is not cached")
-        model, phase = str(ensure_chat_model()), "sft"
+        model, phase = str(tiny_dir()), "sft"
     elif phase is None and Path(model).expanduser().is_dir():
         path = Path(model).expanduser()
         if read_marker(path) is not None:  # a train-lm folder: its chat model, fine-tuned now if it has none
-            model, phase = str(ensure_chat_model(path) if read_sft_marker(path) is None else path), "sft"
+            phase, fine_tune = "sft", read_sft_marker(path) is None
         elif (path / PHASE_DIRS["sft"]).is_dir():
             print(f"{path}: using its chat model ({PHASE_DIRS['sft']}); pass --phase base for the base model")
             phase = "sft"
@@ -256,6 +257,8 @@ def chat_defaults(
                 f"train), or run `nanosae demo` in this directory first ({command} then uses its nanosae-demo/sae)"
             )
         print(f"no --sae: using {sae}, which `nanosae demo` trained on the base model's activations")
+    if default or fine_tune:
+        model = str(ensure_chat_model(None if default else model))
     return model, phase, sae, dashboard
 
 

@@ -92,7 +92,7 @@ def _train_sft_args(p: argparse.ArgumentParser) -> None:
     from .lm_train import SFTConfig
 
     p.add_argument("--base", default=None, help="a folder train-lm wrote (default: the tiny model, trained if needed)")
-    p.add_argument("--force", action="store_true", help="fine-tune again even if this config was before")
+    p.add_argument("--force", action="store_true", help="fine-tune again even if this config was fine-tuned before")
     g = p.add_argument_group("config (defaults finish in about 3 minutes on 2 CPU cores)")
     for f in dataclasses.fields(SFTConfig):
         g.add_argument(
@@ -586,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("chat", help="terminal chat showing each token's SAE latents, with steering")
+    p = sub.add_parser(
+        "chat", help="terminal chat showing each token's SAE latents, with steering (default: the tiny chat model)"
+    )
     _model_args(p, required=False)
     p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -600,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-generated", action="store_true", help="steer generated tokens only, not the prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="local web app: streaming chat, per-token latents, steering, latent search")
+    p = sub.add_parser(
+        "serve", help="local web app: streaming chat, per-token latents, steering, search (default: tiny chat model)"
+    )
     _model_args(p, required=False)
     p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")

@@ -367,7 +367,8 @@ def first_sentence(doc: str | None, limit: int = 160) -> str | None:
             text = text[: m.start()]
             break
     if len(text) > limit:
-        text = text[: text.rfind(" ", 0, limit)].rstrip(",;:") + " ..."
+        cut = text.rfind(" ", 0, limit)
+        text = text[: cut if cut > 0 else limit].rstrip(",;:") + " ..."
     return text if text[-1] in ".!?:" else text + "."
 
 

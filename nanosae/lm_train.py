@@ -525,6 +525,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def tiny_dir(cfg: TinyConfig | None = None) -> Path:
+    """Where the tiny model for cfg (default TinyConfig()) is cached, trained or not: $NANOSAE_HOME/tiny/<hash>."""
+    return nanosae_home() / "tiny" / config_hash(cfg or TinyConfig())
+
+
 def publish(target: Path, build: Callable[[Path], object], finished: Callable[[Path], bool]) -> None:
     """Run build(tmp) in a temp folder beside target, then rename it into place (replacing target, which the
     caller has checked is an older result of its own or empty), so a killed run never leaves a folder that looks
@@ -557,7 +562,7 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | No
     cfg = cfg or TinyConfig()
     cfg.validate()
     h = config_hash(cfg)
-    target = Path(out).expanduser() if out is not None else nanosae_home() / "tiny" / h
+    target = Path(out).expanduser() if out is not None else tiny_dir(cfg)
     marker = read_marker(target) if target.exists() else None
     if marker is not None and marker.get("hash") == h and not force:
         missing = sorted(set(series_steps(cfg)) - set(marker.get("checkpoints") or [cfg.steps]))

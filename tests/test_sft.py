@@ -119,6 +119,7 @@ def test_first_sentence():
     assert fs("x") is None and fs(None) is None
     long = fs("word " * 100)
     assert len(long) <= 165 and long.endswith(" ...")
+    assert fs("x" * 300) == "x" * 160 + " ..."
 
 
 # --- the loss mask --------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_killed_sft_leaves_no_chat_model(tmp_path, monkeypatch):
         load_model(base, phase="sft")
 
 
-def test_bad_inputs(tmp_path, capsys):
+def test_bad_inputs(tmp_path, capsys, monkeypatch):
     rc = cli_main(["train-sft", "--base", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert rc == 2 and "no such directory" in err and "train-lm" in err and len(err.strip().splitlines()) == 1
@@ -291,6 +292,10 @@ def test_bad_inputs(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
     assert cli_main(["chat", "--phase", "base"]) == 2
     assert "needs --model" in capsys.readouterr().err
+    # no --model and no SAE: said at once, before minutes of training the default tiny models
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["serve"]) == 2
+    assert "serve needs an SAE: pass --sae DIR" in capsys.readouterr().err and not lm_train.tiny_dir().exists()
 
 
 # --- chat and serve defaults ----------------------------------------------------------------------------------
