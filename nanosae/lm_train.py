@@ -636,7 +636,7 @@ class SFTConfig:
     only, on conversations about the standard library (data.chat_conversations) packed best-fit into rows of
     the base model's seq_len + 1 tokens. Everything here, the base model and the data's identity key the cache."""
 
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 8  # rows per step
     lr_frac: float = 0.8  # nanochat's init_lr_frac
     warmup_steps: int = 0
