@@ -7,8 +7,10 @@ The conversation is rendered as chat_cli does: <|bos|>, then per turn <|user_sta
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -19,6 +21,8 @@ from .hooks import sae_site
 from .runtime import Steer, TokenLatents, Tracker, check_steers, generate_tracked, parse_steer
 from .sae import SAE
 from .tokenizer import Tokenizer
+
+DEMO_OUT = Path("nanosae-demo")  # `nanosae demo`'s default --out, in the current directory
 
 HELP = """commands:
   /steer ID +A    add A units of latent ID's decoder direction (negative A pushes away)
@@ -172,11 +176,11 @@ class ChatSession:
 def chat(
     session: ChatSession,
     read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     """The read-reply loop: a message gets a streamed reply (and its latents), a /command changes the session;
     it ends on /quit or end of input."""
-    s = session
+    s, out = session, out or sys.stdout  # looked up now: a default bound at import would miss redirections
 
     def write(text: str) -> None:
         out.write(text)
@@ -219,3 +223,54 @@ def chat(
         if s.top_n:
             for token, rec in generated:
                 write(f"  {s.tok.id_to_token(token)!r:>16}  {format_latents(rec, s.labels, s.top_n)}\n")
+
+
+def chat_defaults(
+    model: str | None, phase: str | None, sae: str | None, dashboard: str | None, command: str = "chat"
+) -> tuple[str, str | None, str, str | None]:
+    """(model, phase, sae, dashboard) for chat and serve. No model: the tiny chat model (fine-tuned from the tiny
+    base model, each trained first unless cached). A base dir and no phase: its chat model (a train-lm folder
+    without one gets it fine-tuned now). No SAE: the one `nanosae demo` wrote into ./nanosae-demo from this same
+    base dir (its dashboard too), said aloud; otherwise an error naming what to pass, before any training."""
+    from .checkpoint import PHASE_DIRS
+    from .lm_train import ensure_chat_model, read_marker, read_sft_marker, tiny_dir
+
+    default, fine_tune = model is None, False  # the chat model is made only once the SAE question is settled
+    if default:
+        if phase not in (None, "sft"):
+            raise NanosaeError(f"--phase {phase} needs --model (with no --model, {command} uses the tiny chat model)")
+        print("no --model: using the tiny chat model (nanosae train-sft), trained first where it is not cached")
+        model, phase = str(tiny_dir()), "sft"
+    elif phase is None and Path(model).expanduser().is_dir():
+        path = Path(model).expanduser()
+        if read_marker(path) is not None:  # a train-lm folder: its chat model, fine-tuned now if it has none
+            phase, fine_tune = "sft", read_sft_marker(path) is None
+        elif (path / PHASE_DIRS["sft"]).is_dir():
+            print(f"{path}: using its chat model ({PHASE_DIRS['sft']}); pass --phase base for the base model")
+            phase = "sft"
+    if sae is None:
+        sae, found = demo_sae(model)
+        dashboard = dashboard or found
+        if sae is None:
+            raise NanosaeError(
+                f"{command} needs an SAE: pass --sae DIR (an SAE trained on this model's activations, e.g. by nanosae "
+                f"train), or run `nanosae demo` in this directory first ({command} then uses its nanosae-demo/sae)"
+            )
+        print(f"no --sae: using {sae}, which `nanosae demo` trained on the base model's activations")
+    if default or fine_tune:
+        model = str(ensure_chat_model(None if default else model))
+    return model, phase, sae, dashboard
+
+
+def demo_sae(model: str) -> tuple[str | None, str | None]:
+    """(SAE dir, dashboard dir or None) that `nanosae demo` wrote into ./nanosae-demo from this base dir, else
+    (None, None)."""
+    try:
+        summary = json.loads((DEMO_OUT / "summary.json").read_text())
+        made_from = Path(summary["model_path"]).expanduser().resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    sae, dashboard = DEMO_OUT / "sae", DEMO_OUT / "dashboard"
+    if made_from != Path(model).expanduser().resolve() or not (sae / "cfg.json").is_file():
+        return None, None
+    return str(sae), str(dashboard) if (dashboard / "index.html").is_file() else None

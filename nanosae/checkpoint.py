@@ -115,6 +115,11 @@ def resolve(
     return CheckpointFiles(model_file, meta_file, tok, ckpt_dir.name, step, found_phase)
 
 
+def checkpoint_steps(path: str | os.PathLike, phase: str | None = None) -> list[int]:
+    """The steps saved in the checkpoint folder load_model(path, phase=phase) reads (a training run's series)."""
+    return _steps(resolve(path, phase=phase).model.parent)
+
+
 def read_meta(path: Path) -> dict:
     """meta_*.json as nanochat writes it (Python json, so `Infinity` may appear: Python's parser accepts it)."""
     if not path.is_file():

@@ -10,6 +10,8 @@ import types
 
 from .errors import NanosaeError
 
+CHAT_SAE_HELP = "SAE folder (default: nanosae-demo/sae when `nanosae demo` made it here from this model)"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with prefix matching off, for the command and every subcommand: `--target` must not be read as
@@ -89,6 +91,20 @@ def _train_lm_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the nanochat base dir here (default: $NANOSAE_HOME/tiny/<hash>)")
     p.add_argument("--force", action="store_true", help="retrain even if this config was trained before")
     _add_config_flags(p.add_argument_group("config (defaults finish in a few minutes on 2 CPU cores)"), TinyConfig)
+
+
+def cmd_train_sft(args) -> None:
+    from .lm_train import SFTConfig, main_sft
+
+    main_sft(_from_flags(SFTConfig, args), args.base, args.force)
+
+
+def _train_sft_flags(p: argparse.ArgumentParser) -> None:
+    from .lm_train import SFTConfig
+
+    p.add_argument("--base", default=None, help="a folder train-lm wrote (default: the tiny model, trained if needed)")
+    p.add_argument("--force", action="store_true", help="fine-tune again even if this config was fine-tuned before")
+    _add_config_flags(p.add_argument_group("config (defaults finish in a few minutes on 2 CPU cores)"), SFTConfig)
 
 
 def cmd_eval(args) -> None:
@@ -407,10 +423,11 @@ def _steers(args) -> list:
 
 
 def cmd_chat(args) -> None:
-    from .chat import ChatSession, chat
+    from .chat import ChatSession, chat, chat_defaults
     from .runtime import check_steers, load_runtime
 
     steers = _steers(args)  # flags are checked before the model loads
+    args.model, args.phase, args.sae, _ = chat_defaults(args.model, args.phase, args.sae, None, "chat")
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
     check_steers(sae, steers)
@@ -432,9 +449,13 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .chat import chat_defaults
     from .runtime import load_runtime
     from .server import ServedModel, serve
 
+    args.model, args.phase, args.sae, args.dashboard = chat_defaults(
+        args.model, args.phase, args.sae, args.dashboard, "serve"
+    )
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
     served = ServedModel(model, tok, sae, units, labels, args.dashboard, args.temperature, args.top_k, args.max_tokens)
@@ -602,8 +623,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _model_args(p, required=False)
+    p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -616,8 +637,8 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    _model_args(p, required=False)
+    p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dashboard", default=None, help="the --out folder of nanosae viz, linked from latents")
@@ -678,11 +699,27 @@ COMMANDS = [
     ),
     ("sample", "generate text from a nanochat checkpoint", _sample_flags, cmd_sample),
     ("train-lm", "train the tiny nanochat model on CPU (cached) and print samples", _train_lm_flags, cmd_train_lm),
+    (
+        "train-sft",
+        "fine-tune the tiny model into a chat model (cached) and print answers",
+        _train_sft_flags,
+        cmd_train_sft,
+    ),
     ("eval", "SAEBench core metrics of an SAE spliced into its model (EV, L0, CE/KL, density)", _eval_flags, cmd_eval),
     ("collect", "cache activations at one site as checksummed safetensors shards", _collect_flags, cmd_collect),
     ("train", "train SAEs (topk, batchtopk, standard, april, gated, jumprelu) on activations", _train_flags, cmd_train),
-    ("chat", "terminal chat showing each token's SAE latents, with steering", _chat_flags, cmd_chat),
-    ("serve", "local web app: streaming chat, per-token latents, steering, latent search", _serve_flags, cmd_serve),
+    (
+        "chat",
+        "terminal chat showing each token's SAE latents, with steering (default: the tiny chat model)",
+        _chat_flags,
+        cmd_chat,
+    ),
+    (
+        "serve",
+        "local web app: streaming chat, per-token latents, steering, search (default: the tiny chat model)",
+        _serve_flags,
+        cmd_serve,
+    ),
     ("viz", "write a self-contained HTML dashboard of every latent (opens from file://)", _viz_flags, cmd_viz),
     ("export", "export for Neuronpedia, or upload an export", _export_flags, None),
     ("label", "set, remove or list latent labels (labels.json in the SAE folder)", _label_flags, cmd_label),

@@ -24,7 +24,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
-from .checkpoint import load_model, save_checkpoint
+from .checkpoint import PHASE_DIRS, load_model, model_fingerprint, resolve, save_checkpoint
 from .errors import NanosaeError
 from .fileio import atomic_write_json, pid_alive, sha256_file, verify_sha256
 from .generate import generate
@@ -68,6 +68,7 @@ class TinyConfig:
     warmdown_ratio: float = 0.5  # final fraction of steps over which the lr decays linearly
     final_lr_frac: float = 0.1
     eval_every: int = 250
+    save_every: int = 100  # also keep model_<step>.pt every this many steps (0: the final one only)
     eval_tokens: int = 32768
     tokenizer_chars: int = 20_000_000  # text fed to BPE training at most (each document capped at 10k chars)
     compute: str = "auto"  # float32 | bfloat16 (autocast) | auto: bf16 where this CPU runs it faster
@@ -88,6 +89,8 @@ class TinyConfig:
             raise NanosaeError("vocab_size must be between 265 (bytes + 9 specials) and 65536")
         if min(self.n_layer, self.seq_len - 1, self.batch_size, self.steps) < 1:
             raise NanosaeError("n_layer, batch_size and steps must be positive and seq_len at least 2")
+        if self.save_every < 0:
+            raise NanosaeError(f"save_every {self.save_every}: use 0 (final checkpoint only) or a step interval")
         if self.compute not in ("auto", "float32", "bfloat16"):
             raise NanosaeError(f"compute {self.compute!r}: choose auto, float32 or bfloat16")
 
@@ -108,8 +111,17 @@ def nanosae_home() -> Path:
 
 
 def config_hash(cfg: TinyConfig) -> str:
-    key = {"recipe": RECIPE, "config": dataclasses.asdict(cfg), "data": data.source_fingerprint(cfg.data)}
+    """The cache key: everything that determines the final model. save_every is left out (writing checkpoints
+    on the way changes nothing in training), so a run with a series also serves a request for fewer steps."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "save_every"}
+    key = {"recipe": RECIPE, "config": config, "data": data.source_fingerprint(cfg.data)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def series_steps(cfg: TinyConfig) -> list[int]:
+    """The steps whose checkpoints a run writes: every save_every steps, and the last."""
+    every = cfg.save_every or cfg.steps
+    return [*range(every, cfg.steps, every), cfg.steps]
 
 
 # ---------------------------------------------------------------------------------------------- optimisers
@@ -160,8 +172,9 @@ class Muon(torch.optim.Optimizer):
                     p.add_(u, alpha=-lr)
 
 
-def make_optimizers(model: GPT, cfg: TinyConfig) -> tuple[torch.optim.AdamW, Muon]:
-    """nanochat's split: Muon for every matrix inside the blocks, AdamW (betas 0.8/0.95) for the rest."""
+def make_optimizers(model: GPT, cfg: TinyConfig, lr_scale: float = 1.0) -> tuple[torch.optim.AdamW, Muon]:
+    """nanochat's split: Muon for every matrix inside the blocks, AdamW (betas 0.8/0.95) for the rest; every
+    learning rate times lr_scale."""
     scale = (cfg.n_embd / 768) ** -0.5
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     embeddings = [model.transformer.wte.weight, *model.value_embeds.parameters()]
@@ -180,11 +193,12 @@ def make_optimizers(model: GPT, cfg: TinyConfig) -> tuple[torch.optim.AdamW, Muo
     muon = Muon(matrices, lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
     for opt in (adam, muon):
         for g in opt.param_groups:
+            g["lr"] *= lr_scale
             g["initial_lr"] = g["lr"]
     return adam, muon
 
 
-def lr_multiplier(step: int, cfg: TinyConfig) -> float:
+def lr_multiplier(step: int, cfg: TinyConfig | SFTConfig) -> float:
     """Linear warmup, flat, then linear warmdown to final_lr_frac over the last warmdown_ratio of the steps."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -199,18 +213,21 @@ def lr_multiplier(step: int, cfg: TinyConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, rows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """(mean loss in nats per token, bits per byte) over rows of seq_len+1 tokens. Like nanochat, bpb counts
-    only targets that are real text (token_bytes > 0), so special tokens neither add loss nor bytes."""
+def evaluate(
+    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor, batch_size: int
+) -> tuple[float, float]:
+    """(mean loss in nats per target, bits per byte) over the targets that are not -1 (all of them in base
+    training, the assistant's tokens in SFT). Like nanochat, bpb counts only targets that are real text
+    (token_bytes > 0), so special tokens neither add loss nor bytes."""
     nats = total_bytes = tokens = loss_sum = 0.0
-    for i in range(0, len(rows), batch_size):
-        x, y = rows[i : i + batch_size, :-1], rows[i : i + batch_size, 1:]
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
-        nb = token_bytes[y.flatten()]
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i : i + batch_size], targets[i : i + batch_size].flatten()
+        loss = F.cross_entropy(model(x).flatten(0, 1), y, ignore_index=-1, reduction="none")
+        nb = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
         nats += (loss * (nb > 0)).sum().item()
         total_bytes += nb.sum().item()
         loss_sum += loss.sum().item()
-        tokens += loss.numel()
+        tokens += (y >= 0).sum().item()
     return loss_sum / tokens, nats / (math.log(2) * total_bytes)
 
 
@@ -253,7 +270,7 @@ class SpeedProbe:
     compared on 1 thread (stable even on a busy machine), then the winner on all threads. Each setting runs a block
     of steps whose first is not counted (thread pools and caches settle)."""
 
-    def __init__(self, cfg: TinyConfig, device: str, first: int = 2, block: int = 3):
+    def __init__(self, cfg: TinyConfig | SFTConfig, device: str, first: int = 2, block: int = 3):
         self.n = torch.get_num_threads()
         self.cpu = torch.device(device).type == "cpu"
         if cfg.compute != "auto":
@@ -305,63 +322,39 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fit(
-    cfg: TinyConfig,
-    train_rows: torch.Tensor,
-    val_rows: torch.Tensor,
-    token_bytes: torch.Tensor,
+def optimize(
+    model: GPT,
+    opt_cfg: TinyConfig,
+    run: TinyConfig | SFTConfig,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    at_step: Callable[[int, float], None],
+    desc: str,
+    lr_scale: float = 1.0,
     device: str = "cpu",
-) -> tuple[GPT, dict]:
-    """The training loop: a fresh current-generation GPT trained for cfg.steps on rows of seq_len+1 tokens,
-    with val loss/bpb every eval_every steps and at the end. Returns (model, stats)."""
-    torch.manual_seed(cfg.seed)
-    # like nanochat's base_train, the vocab is the tokenizer's (BPE on little text can stop short of the target)
-    model = GPT(dataclasses.replace(cfg.gpt_config(), vocab_size=len(token_bytes)), "current")
-    model.init_weights(seed=cfg.seed)
-    model.to(device)
-    train_rows, val_rows, token_bytes = train_rows.to(device), val_rows.to(device), token_bytes.to(device)
-    adam, muon = make_optimizers(model, cfg)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    print(
-        f"model: nanochat d{cfg.n_layer}, n_embd {cfg.n_embd}, {model.num_params() / 1e6:.2f}M params, "
-        f"seq_len {cfg.seq_len}; {cfg.steps} steps x {tokens_per_step} tokens = "
-        f"{cfg.steps * tokens_per_step / 1e6:.2f}M tokens ({cfg.steps * tokens_per_step / train_rows.numel():.2f} "
-        "epochs)"
-    )
-    history: list[dict] = []
+) -> tuple[float, float, SpeedProbe]:
+    """The training loop both phases share: run.steps optimizer steps on (inputs, targets) batches (targets -1
+    are not trained), with opt_cfg's optimizers and learning rates times lr_scale, run's schedule and compute
+    dtype. at_step(step, smoothed train loss) runs after every step > 0 that is about to start and after the
+    last one (for evaluations and checkpoints). Returns (smoothed train loss, seconds, the speed probe)."""
+    adam, muon = make_optimizers(model, opt_cfg, lr_scale)
+    probe = SpeedProbe(run, device)
+    bar = tqdm(range(run.steps), desc=desc, unit="step", dynamic_ncols=True)
     smooth, ema = float("nan"), 0.0
-    pos = epoch = 0
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def run_eval(step: int) -> tuple[float, float]:
-        model.eval()  # in fp32, as nanosae.load_model runs the checkpoint
-        loss, bpb = evaluate(model, val_rows, token_bytes, cfg.batch_size)
-        model.train()
-        history.append({"step": step, "val_loss": loss, "val_bpb": bpb, "train_loss": smooth})
-        bar.write(f"step {step:5d}/{cfg.steps} | train loss {smooth:.3f} | val loss {loss:.3f} | val bpb {bpb:.3f}")
-        return loss, bpb
-
-    probe = SpeedProbe(cfg, device)
-    bar = tqdm(range(cfg.steps), desc="train-lm", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
     try:
         for step in bar:
-            if step > 0 and step % cfg.eval_every == 0:
-                run_eval(step)
-            if pos + cfg.batch_size > len(train_rows):  # next epoch: a fresh order
-                pos, epoch = 0, epoch + 1
-                train_rows = train_rows[torch.randperm(len(train_rows), generator=g).to(device)]
-            batch = train_rows[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
+            if step > 0:
+                at_step(step, smooth)
+            x, y = next_batch()
             t = time.perf_counter()
             muon.ns_dtype = dtype = probe.setting(step)
             with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = model(batch[:, :-1], batch[:, 1:])
+                loss = model(x, y)
             loss.backward()
             for opt in (adam, muon):
                 for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lr_multiplier(step, cfg)
+                    group["lr"] = group["initial_lr"] * lr_multiplier(step, run)
                 opt.step()
             model.zero_grad(set_to_none=True)
             ema = 0.9 * ema + 0.1 * loss.item()  # nanochat's debiased EMA of the train loss
@@ -371,10 +364,64 @@ def fit(
                 bar.write(note)
         bar.close()
         seconds = time.perf_counter() - t0
-        val_loss, val_bpb = run_eval(cfg.steps)
+        model.eval()  # in fp32, as nanosae.load_model runs the checkpoint
+        at_step(run.steps, smooth)
     finally:
         bar.close()
         probe.restore()
+    return smooth, seconds, probe
+
+
+def fit(
+    cfg: TinyConfig,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    token_bytes: torch.Tensor,
+    device: str = "cpu",
+    save: Callable[[int, GPT, list[dict], int], None] | None = None,
+) -> tuple[GPT, dict]:
+    """A fresh current-generation GPT trained for cfg.steps on rows of seq_len+1 tokens, with val loss/bpb every
+    eval_every steps, at every checkpoint of the series and at the end; save(step, model, val history, epoch)
+    writes the series' checkpoints before the last. Returns (model, stats)."""
+    torch.manual_seed(cfg.seed)
+    # like nanochat's base_train, the vocab is the tokenizer's (BPE on little text can stop short of the target)
+    model = GPT(dataclasses.replace(cfg.gpt_config(), vocab_size=len(token_bytes)), "current")
+    model.init_weights(seed=cfg.seed)
+    model.to(device)
+    train_rows, val_rows, token_bytes = train_rows.to(device), val_rows.to(device), token_bytes.to(device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    print(
+        f"model: nanochat d{cfg.n_layer}, n_embd {cfg.n_embd}, {model.num_params() / 1e6:.2f}M params, "
+        f"seq_len {cfg.seq_len}; {cfg.steps} steps x {tokens_per_step} tokens = "
+        f"{cfg.steps * tokens_per_step / 1e6:.2f}M tokens ({cfg.steps * tokens_per_step / train_rows.numel():.2f} "
+        "epochs)" + (f"; a checkpoint every {cfg.save_every} steps" if cfg.save_every else "")
+    )
+    history: list[dict] = []
+    state = {"pos": 0, "epoch": 0, "rows": train_rows}
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    saves = set(series_steps(cfg))
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if state["pos"] + cfg.batch_size > len(state["rows"]):  # next epoch: a fresh order
+            state["pos"], state["epoch"] = 0, state["epoch"] + 1
+            state["rows"] = state["rows"][torch.randperm(len(state["rows"]), generator=g).to(device)]
+        batch = state["rows"][state["pos"] : state["pos"] + cfg.batch_size]
+        state["pos"] += cfg.batch_size
+        return batch[:, :-1], batch[:, 1:]
+
+    def at_step(step: int, smooth: float) -> None:
+        if step % cfg.eval_every and step not in saves:
+            return
+        was_training = model.training
+        model.eval()
+        loss, bpb = evaluate(model, val_rows[:, :-1], val_rows[:, 1:], token_bytes, cfg.batch_size)
+        model.train(was_training)
+        history.append({"step": step, "val_loss": loss, "val_bpb": bpb, "train_loss": smooth})
+        tqdm.write(f"step {step:5d}/{cfg.steps} | train loss {smooth:.3f} | val loss {loss:.3f} | val bpb {bpb:.3f}")
+        if save is not None and step in saves and step < cfg.steps:
+            save(step, model, history, state["epoch"])
+
+    smooth, seconds, probe = optimize(model, cfg, cfg, next_batch, at_step, "train-lm", device=device)
     tokens = cfg.steps * tokens_per_step
     stats = {
         "compute": _name(probe.choice[1]),
@@ -382,10 +429,10 @@ def fit(
         "params": model.num_params(),
         "train_tokens": tokens,
         "train_loss": smooth,
-        "val_loss": val_loss,
-        "val_bpb": val_bpb,
+        "val_loss": history[-1]["val_loss"],
+        "val_bpb": history[-1]["val_bpb"],
         "min_val_bpb": min(h["val_bpb"] for h in history),
-        "epoch": epoch,
+        "epoch": state["epoch"],
         "history": history,
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds,
@@ -394,11 +441,30 @@ def fit(
     return model, stats
 
 
+def _base_meta(cfg: TinyConfig, history: list[dict], seconds: float, epoch: int) -> dict:
+    """nanochat's meta_*.json keys (base_train) for a checkpoint taken at the last step of the val history."""
+    return {
+        "val_bpb": history[-1]["val_bpb"],
+        "user_config": dataclasses.asdict(cfg),
+        "device_batch_size": cfg.batch_size,
+        "max_seq_len": cfg.seq_len,
+        "total_batch_size": cfg.batch_size * cfg.seq_len,
+        "dataloader_state_dict": {"pq_idx": 0, "rg_idx": 0, "epoch": epoch + 1},
+        "loop_state": {
+            "min_val_bpb": min(h["val_bpb"] for h in history),
+            "smooth_train_loss": history[-1]["train_loss"],
+            "total_training_time": seconds,
+        },
+    }
+
+
 def train(cfg: TinyConfig, out_dir: str | os.PathLike) -> dict:
-    """Train a tokenizer and a model for cfg, write them into out_dir as a nanochat base dir, and return the
-    run's summary (also written to out_dir/train_lm.json, last)."""
+    """Train a tokenizer and a model for cfg, write them into out_dir as a nanochat base dir (with the series of
+    checkpoints save_every asks for), and return the run's summary (also written to out_dir/train_lm.json,
+    last)."""
     cfg.validate()
     out = Path(out_dir)
+    ckpt_dir = out / "base_checkpoints" / f"d{cfg.n_layer}"
     t0 = time.perf_counter()
     tok = Tokenizer.train(_tokenizer_texts(cfg), cfg.vocab_size)
     tok.save(out / "tokenizer")
@@ -412,31 +478,25 @@ def train(cfg: TinyConfig, out_dir: str | os.PathLike) -> dict:
         f"tokenizer: {tok.vocab_size} tokens trained in {t_tok:.1f}s; data: {train_rows.numel() / 1e6:.2f}M train "
         f"tokens, {val_rows.numel() / 1e3:.0f}k val tokens ({t_data:.1f}s)"
     )
-    model, stats = fit(cfg, train_rows, val_rows, token_bytes)
-    meta = {  # nanochat's meta_*.json keys (base_train)
-        "val_bpb": stats["val_bpb"],
-        "user_config": dataclasses.asdict(cfg),
-        "device_batch_size": cfg.batch_size,
-        "max_seq_len": cfg.seq_len,
-        "total_batch_size": cfg.batch_size * cfg.seq_len,
-        "dataloader_state_dict": {"pq_idx": 0, "rg_idx": 0, "epoch": stats["epoch"] + 1},
-        "loop_state": {
-            "min_val_bpb": stats["min_val_bpb"],
-            "smooth_train_loss": stats["train_loss"],
-            "total_training_time": stats["train_seconds"],
-        },
-    }
-    save_checkpoint(out / "base_checkpoints" / f"d{cfg.n_layer}", cfg.steps, model, meta)
+    started = time.perf_counter()
+
+    def save(step: int, model: GPT, history: list[dict], epoch: int) -> None:
+        save_checkpoint(ckpt_dir, step, model, _base_meta(cfg, history, time.perf_counter() - started, epoch))
+
+    model, stats = fit(cfg, train_rows, val_rows, token_bytes, save=save)
+    save_checkpoint(
+        ckpt_dir, cfg.steps, model, _base_meta(cfg, stats["history"], stats["train_seconds"], stats["epoch"])
+    )
     summary = {
         "hash": config_hash(cfg),
         "recipe": RECIPE,
         "config": dataclasses.asdict(cfg),
+        "checkpoints": series_steps(cfg),
         **stats,
         "seconds": {"tokenizer": t_tok, "data": t_data, "train": stats["train_seconds"]},
     }
     summary["seconds"]["total"] = time.perf_counter() - t0
-    # every file of the folder, so a reuse can check that none was damaged since
-    summary["sha256"] = {str(f.relative_to(out)): sha256_file(f) for f in sorted(out.rglob("*")) if f.is_file()}
+    summary["sha256"] = file_digests(out)
     print(
         f"trained in {stats['train_seconds']:.0f}s ({stats['tokens_per_second']:.0f} tok/s, "
         f"{stats['gflops']:.0f} GFLOP/s of matmuls): train loss {stats['train_loss']:.3f}, "
@@ -456,29 +516,31 @@ def read_marker(base_dir: Path) -> dict | None:
         return None
 
 
-def _verify(base_dir: Path, marker: dict) -> None:
+def file_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of every file in a finished folder, recorded in its marker so that a reuse can check that none
+    was damaged since."""
+    return {str(f.relative_to(folder)): sha256_file(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _verify(folder: Path, marker: dict, marker_name: str = MARKER) -> None:
     """Check every file against the sha256 the marker recorded when the folder was complete."""
-    remedy = f"nothing was changed: delete {base_dir} to train it again"
+    remedy = f"nothing was changed: delete {folder} to train it again"
     if not marker.get("sha256"):
-        raise NanosaeError(f"{base_dir / MARKER}: records no checksums (an older nanosae wrote it); {remedy}")
+        raise NanosaeError(f"{folder / marker_name}: records no checksums (an older nanosae wrote it); {remedy}")
     for name, digest in marker["sha256"].items():
-        verify_sha256(base_dir / name, remedy, expected=digest)
+        verify_sha256(folder / name, remedy, expected=digest)
 
 
-def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """The nanochat base dir of the tiny model for cfg (default TinyConfig()), trained now unless it is cached
-    ($NANOSAE_HOME/tiny/<hash>, or `out` when given). `force` retrains. Load it with nanosae.load_model(path)."""
-    cfg = cfg or TinyConfig()
-    cfg.validate()
-    h = config_hash(cfg)
-    target = Path(out).expanduser() if out is not None else nanosae_home() / "tiny" / h
-    marker = read_marker(target) if target.exists() else None
-    if marker is not None and marker.get("hash") == h and not force:
-        _verify(target, marker)
-        print(f"reusing the tiny model trained before at {target} (val bpb {marker['val_bpb']:.3f})")
-        return target
-    if target.exists() and any(target.iterdir()) and marker is None:
-        raise NanosaeError(f"{target}: exists and is not a train-lm result; choose an empty or new directory")
+def tiny_dir(cfg: TinyConfig | None = None) -> Path:
+    """Where the tiny model for cfg (default TinyConfig()) is cached, trained or not: $NANOSAE_HOME/tiny/<hash>."""
+    return nanosae_home() / "tiny" / config_hash(cfg or TinyConfig())
+
+
+def publish(target: Path, build: Callable[[Path], object], finished: Callable[[Path], bool]) -> None:
+    """Run build(tmp) in a temp folder beside target, then rename it into place (replacing target, which the
+    caller has checked is an older result of its own or empty), so a killed run never leaves a folder that looks
+    complete. Temp folders left by dead processes are cleared first. finished(target) says whether another
+    process published the same result first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by killed runs
         pid = stale.name.rsplit("-", 1)[-1]
@@ -486,19 +548,42 @@ def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | No
             shutil.rmtree(stale, ignore_errors=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"training the tiny model (config {h}) into {target}")
     try:
-        train(cfg, tmp)
-        if target.exists():  # a finished older result (its marker was checked above), or an empty dir
-            if (target / MARKER).exists() or not any(target.iterdir()):
-                shutil.rmtree(target)
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
         try:
             tmp.rename(target)
-        except OSError:  # another process finished the same config first: keep theirs
-            if (read_marker(target) or {}).get("hash") != h:
+        except OSError:  # another process finished first: keep theirs
+            if not finished(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_tiny_model(cfg: TinyConfig | None = None, out: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """The nanochat base dir of the tiny model for cfg (default TinyConfig()), trained now unless it is cached
+    ($NANOSAE_HOME/tiny/<hash>, or `out` when given) with every checkpoint cfg.save_every asks for. `force`
+    retrains. Load it with nanosae.load_model(path) (a step of the series: load_model(path, step))."""
+    cfg = cfg or TinyConfig()
+    cfg.validate()
+    h = config_hash(cfg)
+    target = Path(out).expanduser() if out is not None else tiny_dir(cfg)
+    marker = read_marker(target) if target.exists() else None
+    if marker is not None and marker.get("hash") == h and not force:
+        missing = sorted(set(series_steps(cfg)) - set(marker.get("checkpoints") or [cfg.steps]))
+        if not missing:
+            _verify(target, marker)
+            print(f"reusing the tiny model trained before at {target} (val bpb {marker['val_bpb']:.3f})")
+            return target
+        print(
+            f"the tiny model at {target} was trained without checkpoints at steps {', '.join(map(str, missing))}; "
+            "training it again to write them (this replaces it, and any chat model beside it)"
+        )
+    if target.exists() and any(target.iterdir()) and marker is None:
+        raise NanosaeError(f"{target}: exists and is not a train-lm result; choose an empty or new directory")
+    print(f"training the tiny model (config {h}) into {target}")
+    publish(target, lambda tmp: train(cfg, tmp), lambda t: (read_marker(t) or {}).get("hash") == h)
     return target
 
 
@@ -543,3 +628,235 @@ def main(cfg: TinyConfig, out: str | os.PathLike | None = None, force: bool = Fa
     print("-" * 100)
     print(f"done in {time.perf_counter() - t:.0f}s; load it with nanosae.load_model({str(base)!r})")
     return base
+
+
+# ---------------------------------------------------------------------------------------------- chat (SFT)
+
+SFT_MARKER = "train_sft.json"  # in chatsft_checkpoints/, written last: its presence means the chat model is complete
+SFT_RECIPE = 1  # bump when a code change alters what an SFT config trains to
+
+
+@dataclass
+class SFTConfig:
+    """The tiny chat phase, trained like nanochat's chat_sft: the base model and its optimizer split, learning
+    rates lr_frac x the base run's, no warmup, linear warmdown to final_lr_frac, loss on the assistant's tokens
+    only, on conversations about the standard library (data.chat_conversations) packed best-fit into rows of
+    the base model's seq_len + 1 tokens. Everything here, the base model and the data's identity key the cache."""
+
+    steps: int = 250  # optimizer steps (about 0.7 epochs of the conversations)
+    batch_size: int = 8  # rows per step
+    lr_frac: float = 0.8  # nanochat's init_lr_frac
+    warmup_steps: int = 0  # linear LR warm-up
+    warmdown_ratio: float = 0.5  # the LR decays linearly over this last fraction of the steps
+    final_lr_frac: float = 0.0  # ... to this fraction of its start
+    two_turn_every: int = 4  # one conversation in this many asks two questions (0: one question each)
+    eval_every: int = 100  # steps between held-out answer losses
+    compute: str = "auto"  # float32 | bfloat16 | auto, as for train-lm
+    seed: int = 0  # data order
+
+    def validate(self) -> None:
+        if min(self.steps, self.batch_size, self.eval_every) < 1 or self.two_turn_every < 0:
+            raise NanosaeError("steps, batch_size and eval_every must be positive, two_turn_every at least 0")
+        if not (self.lr_frac > 0 and 0 <= self.warmdown_ratio <= 1 and self.final_lr_frac >= 0):
+            raise NanosaeError("lr_frac must be positive, warmdown_ratio within 0..1, final_lr_frac at least 0")
+        if self.compute not in ("auto", "float32", "bfloat16"):
+            raise NanosaeError(f"compute {self.compute!r}: choose auto, float32 or bfloat16")
+
+
+def pack_conversations(
+    tok: Tokenizer, conversations: list[dict], row_len: int, buffer: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanochat's SFT batches: each conversation rendered with its loss mask (tok.render_conversation), packed
+    best-fit into rows of row_len tokens (from a buffer of the next `buffer` conversations, the longest that still
+    fits), a row that no conversation fits any more padded with BOS. Every row starts at a conversation's BOS and
+    no conversation is split. Returns (inputs, targets), each (rows, row_len - 1); a target is -1 (not trained)
+    wherever the mask is 0: user turns, <|assistant_start|>, padding. So only what the assistant says, its
+    <|assistant_end|> included, is trained."""
+    pending = iter([tok.render_conversation(c, max_tokens=row_len) for c in conversations])
+    buf = [c for _, c in zip(range(buffer), pending)]
+    rows, masks = [], []
+    while buf:
+        row: list[int] = []
+        mask: list[int] = []
+        while fits := [i for i, (ids, _) in enumerate(buf) if len(ids) <= row_len - len(row)]:
+            ids, m = buf.pop(max(fits, key=lambda i: len(buf[i][0])))
+            row += ids
+            mask += m
+            buf += [c for _, c in zip(range(1), pending)]
+        rows.append(row + [tok.bos_token_id] * (row_len - len(row)))
+        masks.append(mask + [0] * (row_len - len(mask)))
+    ids, keep = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
+    return ids[:, :-1], ids[:, 1:].masked_fill(~keep[:, 1:], -1)
+
+
+def sft_hash(base_dir: Path, cfg: SFTConfig) -> str:
+    """The chat model's cache key: the SFT config, the base checkpoint it starts from, the chat data's source."""
+    files = resolve(base_dir, phase="base")
+    base = {"step": files.step, "model": model_fingerprint(files.model)}
+    key = {"recipe": SFT_RECIPE, "config": dataclasses.asdict(cfg), "base": base, "data": data.source_fingerprint(None)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def answer(model: GPT, tok: Tokenizer, question: str, max_tokens: int = 64) -> str:
+    """The model's greedy reply to one user message, rendered as nanochat's chat_cli renders a first turn."""
+    conversation = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]}
+    prompt = tok.render_for_completion(conversation)
+    ids = generate(model, prompt, max_tokens, stop_tokens=tok.stop_token_ids())
+    return tok.decode(i for i in ids if i not in tok.special_ids()).strip()
+
+
+def held_out_questions(n: int) -> list[tuple[str, str, str]]:
+    """(question, reference answer, the name an answer on topic mentions) for the first turns of the first n
+    held-out conversations."""
+    convs = data.chat_conversations("val")[:n]
+    return [
+        (c["messages"][0]["content"], c["messages"][1]["content"], c["subjects"][0].rsplit(".", 1)[-1]) for c in convs
+    ]
+
+
+def on_topic_rate(model: GPT, tok: Tokenizer, n: int = 32) -> float:
+    """The share of n held-out questions whose greedy answer names the function, class, module or keyword asked about."""
+    qs = held_out_questions(n)
+    return sum(name in answer(model, tok, q) for q, _, name in qs) / len(qs)
+
+
+def train_sft(base_dir: Path, cfg: SFTConfig, out_dir: str | os.PathLike) -> dict:
+    """Fine-tune the final base checkpoint of a train-lm folder into a chat model, written to out_dir/d<N>/ (out_dir
+    becomes <base>/chatsft_checkpoints) with nanochat chat_sft's meta keys; returns the summary, also written to
+    out_dir/train_sft.json, last."""
+    t0 = time.perf_counter()
+    model, tok, meta = load_model(base_dir, phase="base")
+    base_cfg = TinyConfig(**{k: v for k, v in meta["user_config"].items() if k in TinyConfig.__dataclass_fields__})
+    train_convs = data.chat_conversations("train", cfg.two_turn_every, cfg.seed)
+    val_convs = data.chat_conversations("val", cfg.two_turn_every, cfg.seed)
+    row_len = model.config.sequence_len + 1
+    (train_x, train_y), (val_x, val_y) = (pack_conversations(tok, c, row_len) for c in (train_convs, val_convs))
+    token_bytes = tok.token_byte_lengths()
+    t_data = time.perf_counter() - t0
+    trained = int((train_y >= 0).sum())
+    print(
+        f"chat data: {len(train_convs)} conversations ({trained / 1e3:.0f}k answer tokens) in {len(train_x)} rows of "
+        f"{row_len} tokens; held out: {len(val_convs)} conversations about unseen subjects ({t_data:.1f}s)"
+    )
+    print(
+        f"sft: {cfg.steps} steps x {cfg.batch_size} rows = {cfg.steps * cfg.batch_size / len(train_x):.2f} epochs, "
+        f"learning rates {cfg.lr_frac} x the base run's"
+    )
+    history: list[dict] = []
+    state = {
+        "pos": 0,
+        "epoch": 0,
+        "order": torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed)),
+    }
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if state["pos"] + cfg.batch_size > len(state["order"]):  # next epoch: a fresh order
+            state["pos"], state["epoch"] = 0, state["epoch"] + 1
+            state["order"] = torch.randperm(len(train_x), generator=g)
+        idx = state["order"][state["pos"] : state["pos"] + cfg.batch_size]
+        state["pos"] += cfg.batch_size
+        return train_x[idx], train_y[idx]
+
+    def at_step(step: int, smooth: float) -> None:
+        if step % cfg.eval_every and step != cfg.steps:
+            return
+        was_training = model.training
+        model.eval()
+        loss, bpb = evaluate(model, val_x, val_y, token_bytes, cfg.batch_size)
+        model.train(was_training)
+        history.append({"step": step, "val_loss": loss, "val_bpb": bpb, "train_loss": smooth})
+        tqdm.write(
+            f"step {step:5d}/{cfg.steps} | train loss {smooth:.3f} | held-out answer loss {loss:.3f} | bpb {bpb:.3f}"
+        )
+
+    at_step(0, float("nan"))  # the base model on the held-out answers
+    model.requires_grad_(True)
+    smooth, seconds, probe = optimize(model, base_cfg, cfg, next_batch, at_step, "train-sft", lr_scale=cfg.lr_frac)
+    model.requires_grad_(False)
+    rate = on_topic_rate(model, tok)
+    sft_meta = {  # nanochat chat_sft's keys, and where it started
+        "val_bpb": history[-1]["val_bpb"],
+        "user_config": dataclasses.asdict(cfg) | {"base_dir": str(base_dir), "base_step": model.info.step},
+    }
+    save_checkpoint(Path(out_dir) / f"d{model.config.n_layer}", cfg.steps, model, sft_meta)
+    summary = {
+        "hash": sft_hash(base_dir, cfg),
+        "recipe": SFT_RECIPE,
+        "config": dataclasses.asdict(cfg),
+        "base": {"dir": str(base_dir), "step": model.info.step, "fingerprint": model.info.fingerprint},
+        "conversations": {"train": len(train_convs), "held_out": len(val_convs)},
+        "compute": _name(probe.choice[1]),
+        "threads": probe.choice[0],
+        "train_loss": smooth,
+        "base_val_loss": history[0]["val_loss"],
+        "val_loss": history[-1]["val_loss"],
+        "val_bpb": history[-1]["val_bpb"],
+        "on_topic": rate,
+        "history": history,
+        "seconds": {"data": t_data, "train": seconds, "total": time.perf_counter() - t0},
+    }
+    print(
+        f"fine-tuned in {seconds:.0f}s: held-out answer loss {summary['base_val_loss']:.3f} (base) -> "
+        f"{summary['val_loss']:.3f} nats/token; {100 * rate:.0f}% of {len(held_out_questions(32))} held-out greedy "
+        "answers name what was asked about"
+    )
+    summary["sha256"] = file_digests(Path(out_dir))
+    atomic_write_json(Path(out_dir) / SFT_MARKER, summary)
+    return summary
+
+
+def read_sft_marker(base_dir: Path) -> dict | None:
+    try:
+        return json.loads((base_dir / PHASE_DIRS["sft"] / SFT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_chat_model(base: str | os.PathLike | None = None, cfg: SFTConfig | None = None, force: bool = False) -> Path:
+    """A tiny base dir (default: the default tiny model, trained first if needed) holding its chat model in
+    chatsft_checkpoints/d<N>/, fine-tuned now unless it was for this config and this base model. `force`
+    fine-tunes again. Returns the base dir: load_model(path, phase="sft") is the chat model, load_model(path,
+    step) the base series (checkpoint.checkpoint_steps(path) lists its steps)."""
+    cfg = cfg or SFTConfig()
+    cfg.validate()
+    base_dir = ensure_tiny_model() if base is None else Path(base).expanduser()
+    fix = "pass a folder that `nanosae train-lm --out DIR` wrote, or leave --base out for the default tiny model"
+    if not base_dir.is_dir():
+        raise NanosaeError(f"{base_dir}: no such directory; {fix}")
+    if read_marker(base_dir) is None:
+        raise NanosaeError(f"{base_dir}: not a train-lm result (no {MARKER}); {fix}")
+    target = base_dir / PHASE_DIRS["sft"]
+    h = sft_hash(base_dir, cfg)
+    marker = read_sft_marker(base_dir)
+    if marker is not None and marker.get("hash") == h and not force:
+        _verify(target, marker, SFT_MARKER)
+        print(
+            f"reusing the tiny chat model fine-tuned before in {target} (held-out answer loss {marker['val_loss']:.3f})"
+        )
+        return base_dir
+    if target.exists() and any(target.iterdir()) and marker is None:
+        raise NanosaeError(f"{target}: holds checkpoints train-sft did not write; move them away first")
+    print(f"fine-tuning the tiny chat model (config {h}) into {target}")
+    publish(
+        target, lambda tmp: train_sft(base_dir, cfg, tmp), lambda t: (read_sft_marker(t.parent) or {}).get("hash") == h
+    )
+    return base_dir
+
+
+def main_sft(cfg: SFTConfig, base: str | os.PathLike | None = None, force: bool = False, n_samples: int = 6) -> Path:
+    """`nanosae train-sft`: fine-tune or reuse, then show greedy answers to held-out questions."""
+    t = time.perf_counter()
+    base_dir = ensure_chat_model(base, cfg, force)
+    model, tok, _ = load_model(base_dir, phase="sft")
+    print(f"\nheld-out questions (about subjects the fine-tuning never saw), greedy answers of {model.info.path}:")
+    for question, reference, _ in held_out_questions(n_samples):
+        print("-" * 100)
+        print(f"Q: {question}\nA: {answer(model, tok, question)}\n   (reference: {reference})")
+    print("-" * 100)
+    print(
+        f"done in {time.perf_counter() - t:.0f}s; chat with it: nanosae chat --model {base_dir} --sae SAE_DIR; "
+        f"load it with nanosae.load_model({str(base_dir)!r}, phase='sft')"
+    )
+    return base_dir

@@ -62,7 +62,13 @@ def test_writes_nanochat_layout(trained):
     base, out = trained
     step = TINY["steps"]
     ckpt = base / "base_checkpoints" / "d4"
-    assert sorted(p.name for p in ckpt.iterdir()) == [f"meta_{step:06d}.json", f"model_{step:06d}.pt"]
+    # the final checkpoint and, by default, one every 100 steps before it
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "meta_000100.json",
+        f"meta_{step:06d}.json",
+        "model_000100.pt",
+        f"model_{step:06d}.pt",
+    ]
     assert sorted(p.name for p in (base / "tokenizer").iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
     assert not list(base.parent.glob(".*tmp*"))  # the temp build folder was renamed into place
     # same keys, shapes (up to width) and key order as the checkpoint nanochat's own base_train wrote
@@ -104,7 +110,7 @@ def test_load_round_trip_reproduces_training_val_loss(trained):
     summary = json.loads((base / lm_train.MARKER).read_text())
     cfg = TinyConfig(**TINY)
     _, val = lm_train.load_rows(tok, cfg)
-    loss, bpb = lm_train.evaluate(model, val, tok.token_byte_lengths(), cfg.batch_size)
+    loss, bpb = lm_train.evaluate(model, val[:, :-1], val[:, 1:], tok.token_byte_lengths(), cfg.batch_size)
     assert loss == pytest.approx(summary["val_loss"], abs=1e-5)
     assert bpb == pytest.approx(meta["val_bpb"], abs=1e-5)
 
@@ -129,7 +135,7 @@ def test_training_learned(trained):
     base, _ = trained
     summary = json.loads((base / lm_train.MARKER).read_text())
     hist = summary["history"]
-    assert [h["step"] for h in hist] == [40, 80, 120]
+    assert [h["step"] for h in hist] == [40, 80, 100, 120]  # every eval_every steps and at each checkpoint
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.3
     assert summary["train_loss"] < math.log(384) - 1.5  # far below the uniform guess
     assert summary["val_bpb"] < 3.0
