@@ -460,9 +460,12 @@ class TrainingSAE(nn.Module):
         """Dense latents of scaled inputs (for resampling and checks; training uses `loss`)."""
         raise NotImplementedError
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor, coeff: float) -> LossOut:
+    def loss(
+        self, x: torch.Tensor, dead: torch.Tensor, coeff: float, row_grads: sparse.RowGrads | None = None
+    ) -> LossOut:
         """Loss on a batch of model activations x (n, d_in); `dead` (d_sae,) marks dead latents, `coeff` in [0, 1]
-        is the sparsity-coefficient warm-up."""
+        is the sparsity-coefficient warm-up. The TopK family's backward leaves W_enc's and W_dec's gradients in
+        `row_grads` instead of .grad when one is given (nanosae.sparse.RowGrads); the others ignore it."""
         raise NotImplementedError
 
     def _out(self, loss, sse, fired, aux, **extra) -> LossOut:
@@ -555,7 +558,7 @@ class StandardSAE(TrainingSAE):
     def penalty(self, f: torch.Tensor) -> torch.Tensor:
         return f.sum(-1)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, coeff, row_grads=None):
         xs = x * self.input_scale
         f = self.encode(xs)
         err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
@@ -602,32 +605,32 @@ class TopKSAE(TrainingSAE):
         aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
         return (sparse.topk_codes(idx, self.d_sae), vals.reshape(-1), *aux)
 
-    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor) -> list[torch.Tensor]:
+    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor, row_grads=None) -> list[torch.Tensor]:
         """x_hat - x from each nested prefix of latents (just the full SAE without matryoshka)."""
         if not self.cfg.matryoshka:  # in place: one (n, d_in) tensor
-            return [sparse.decode(codes, vals, self.W_dec).sub_(xs).add_(self.b_dec)]
+            return [sparse.decode(codes, vals, self.W_dec, row_grads).sub_(xs).add_(self.b_dec)]
         shift = self.b_dec - xs
         bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
         group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
         out, partial = [], 0
         for g in range(len(self.cfg.matryoshka) + 1):
             keep = group == g
-            partial = partial + sparse.decode(codes.subset(keep), vals[keep], self.W_dec)
+            partial = partial + sparse.decode(codes.subset(keep), vals[keep], self.W_dec, row_grads)
             out.append(partial + shift)
         return out
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, coeff, row_grads=None):
         xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
         codes, pre_vals, aux_codes, aux_pre = self.select(xs, dead_idx, k_aux)
-        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
-        errs = self.errors(codes, vals, xs)
+        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals, row_grads))
+        errs = self.errors(codes, vals, xs, row_grads)
         r = errs[-1].detach()  # x_hat - x; read only in this forward (the backward overwrites it)
         aux = x.new_zeros(())
         if k_aux:
-            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre))
-            e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec)
+            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads))
+            e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec, row_grads)
             # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
             m = self.world_sum(torch.cat([r.sum(0), r.pow(2).sum().view(1), r.new_tensor([len(r)])]))
             var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
@@ -712,7 +715,7 @@ class GatedSAE(TrainingSAE):
         gate, mag = self._paths(xs)
         return (gate > 0) * F.relu(mag)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, coeff, row_grads=None):
         xs = x * self.input_scale
         gate, mag = self._paths(xs)
         f = (gate > 0) * F.relu(mag)
@@ -806,7 +809,7 @@ class JumpReLUSAE(TrainingSAE):
         super().after_step(extra, world_size, l0, lr)
         self.threshold.clamp_(min=0.0)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, coeff, row_grads=None):
         xs = x * self.input_scale
         z = self.pre(xs)
         f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)

@@ -5,8 +5,9 @@ that resume bitwise; Ctrl-C and NaN/Inf handling; data-parallel training under t
 One step, for every SAE: loss on this rank's share of the batch -> backward -> (several ranks: all-reduce the
 gradients and the step's statistics) -> project decoder gradients -> clip -> Adam -> renormalise the decoder ->
 update dead counters, firing density, thresholds, λ -> maybe resample, log, checkpoint, evaluate. In one CPU process
-the TopK family's two weight matrices skip the dense gradient: projection, Adam and renorm run a block of latents
-at a time on gradients the backward left unevaluated (_adam_rows, nanosae.sparse.RowGrad).
+the TopK family's two weight matrices skip the dense gradient: the backward leaves it unevaluated in a
+nanosae.sparse.RowGrads that the step hands to adam_rows, which projects, updates and renormalises a block of
+latents at a time.
 
 An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
@@ -29,9 +30,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import sparse
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text
-from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
+from .sae import SAE, LossOut, SAETrainConfig, TrainingSAE, training_sae
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -194,16 +196,14 @@ class _Run:
     def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
         sae.world = world  # its collectives (AuxK's variance, BatchTopK's cutoff) span the ranks
-        c = sae.cfg
-        # the TopK family's weight gradients reach Adam a block of latents at a time (_adam_rows), never as a dense
-        # tensor; a gradient all-reduce or a global clip needs them whole, so those runs take the plain path. It pays
-        # on CPUs (cache and memory); a GPU does better with one fused Adam over the whole weight than with a launch
-        # per block
-        rows = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and sae.W_dec.device.type == "cpu"
-        self.row_params = [(sae.W_enc, True), (sae.W_dec, False)] if rows else []
-        fused = {"fused": True} if sae.W_dec.device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **fused)
-        dev = sae.W_dec.device
+        c, dev = sae.cfg, sae.W_dec.device
+        # sparse_update: the TopK family's W_enc and W_dec get their gradients from a RowGrads collector and Adam
+        # applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient all-reduce or a
+        # global clip needs them whole, so those runs take the plain path. It pays on CPUs (cache and memory); a GPU
+        # does better with one fused Adam over the whole weight than with a launch per block
+        self.sparse_update = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and dev.type == "cpu"
+        adam_kw = {"fused": True} if dev.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **adam_kw)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired
         self.density = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)  # EMA of the firing frequency
         self.recent = torch.full((sae.d_sae,), -1.0, dtype=torch.float64, device=dev)  # the same over dead_tokens
@@ -240,9 +240,9 @@ class _Run:
         self.sums = dict(d["sums"])
 
     @torch.no_grad()
-    def update(self, r: dict, lr_factor: float, n: float, var: float, world: int) -> None:
-        """Everything after the gradients are in: project, clip, Adam, renormalise, counters (n tokens in the
-        global batch, var = their summed squared distance to the batch mean, for the FVU)."""
+    def optimize(self, lr_factor: float, row_grads: sparse.RowGrads | None) -> None:
+        """Apply the step's gradients: project the decoder's, clip, Adam, renormalise the decoder. With row_grads
+        (sparse_update), W_enc and W_dec have no .grad: adam_rows applies theirs, projection and renorm included."""
         sae, c = self.sae, self.sae.cfg
         for p in sae.parameters():  # fused Adam (torch 2.13, CPU) silently misreads a grad laid out unlike its param
             if p.grad is not None and p.grad.stride() != p.stride():
@@ -252,15 +252,20 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = c.lr * lr_factor
-        self.opt.step()  # the parameters with a dense gradient (all but row_params)
-        for p, transposed in self.row_params:
-            grads, p.row_grads = p.row_grads, None
-            _adam_rows(p, transposed, grads, self.opt, unit_norm=sae.unit_norm and p is sae.W_dec)
-        self.opt.zero_grad(set_to_none=True)
-        if not self.row_params:
+        self.opt.step()  # every parameter with a .grad
+        if row_grads is None:
             sae.normalize_decoder()
+        else:
+            adam_rows(sae.W_enc, row_grads.W_enc, self.opt, transposed=True, unit_norm=False)
+            adam_rows(sae.W_dec, row_grads.W_dec, self.opt, transposed=False, unit_norm=sae.unit_norm)
+        self.opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def record(self, r: dict, lr_factor: float, n: float, var: float, world: int) -> None:
+        """After the update: the SAE's own state (thresholds, λ), dead counters, firing densities, metric sums (n
+        tokens in the global batch, var = their summed squared distance to the batch mean, for the FVU)."""
         fired = r["fired"].sum().item()  # latent firings in the global batch (mean L0 = fired / n)
-        sae.after_step(r["extra"], world, fired / n, c.lr * lr_factor)
+        self.sae.after_step(r["extra"], world, fired / n, self.sae.cfg.lr * lr_factor)
         self.since_fired += int(n)
         self.since_fired[r["fired"] > 0] = 0
         rate = min(1.0, n / self.density_tokens)
@@ -292,13 +297,14 @@ class _Run:
 
 
 @torch.no_grad()
-def _adam_rows(
-    p: torch.Tensor, transposed: bool, grads: list, opt: torch.optim.Adam, unit_norm: bool, block: int = 256
-) -> None:
-    """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient arrives as
-    nanosae.sparse.RowGrads, evaluated a block of latents at a time: the dense gradient never exists, and each block
-    is still in cache for the update. With unit_norm, each row's gradient loses its component along the row first
-    and the row is renormalised after (standards.md 4), in the same pass."""
+def adam_rows(
+    p: torch.Tensor, grads: list[sparse.RowGrad], opt: torch.optim.Adam, transposed: bool, unit_norm: bool,
+    block: int = 256,
+) -> None:  # fmt: skip
+    """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient is the sum of
+    unevaluated terms (a RowGrads list), evaluated a block of latents at a time: the dense gradient never exists, and
+    each block is still in cache for the update. With unit_norm, each row's gradient loses its component along the
+    row first and the row is renormalised after (standards.md 4), in the same pass."""
     group = opt.param_groups[0]
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     state = opt.state[p]
@@ -327,35 +333,36 @@ def _adam_rows(
             w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _pack(outs, x: torch.Tensor, stop: bool) -> torch.Tensor:
-    """The step's statistics of every SAE in one float64 vector (one all-reduce sums them over ranks)."""
-    # sums of x and |x|^2 give the variance of the global batch once summed over ranks
-    parts = [torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)]
-    parts += [x.sum(0).double(), torch.dot(x.view(-1), x.view(-1)).double().reshape(1)]
+def _global_stats(
+    outs: list[LossOut], x: torch.Tensor, stop: bool, world: int
+) -> tuple[bool, float, float, list[dict]]:
+    """The step's statistics over the global batch, summed over the ranks in one all-reduce of one float64 vector:
+    whether any rank asked to stop, the token count n, the tokens' summed squared distance to their mean (from the
+    sums of x and |x|^2), and each SAE's loss, sse, aux, extras and firings."""
+    flags = torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)
+    parts = [flags, x.sum(0), torch.dot(x.view(-1), x.view(-1))]
+    parts += [t for o in outs for t in (o.loss.detach(), o.sse, o.aux, *o.extra.values(), o.fired)]
+    stats = torch.cat([t.double().reshape(-1) for t in parts])
+    if world > 1:
+        dist.all_reduce(stats)
+    summed = iter(stats.split([t.numel() for t in parts]))
+    flags, x_sum, x_sq = next(summed), next(summed), next(summed)
+    stop, n = flags[0].item() > 0, flags[1].item()
+    var = x_sq.item() - x_sum.pow(2).sum().item() / n
+    results = []
     for o in outs:
-        scalars = [o.loss.detach(), o.sse, o.aux, *o.extra.values()]
-        parts += [torch.stack([s.double().reshape(()) for s in scalars]), o.fired.double()]
-    return torch.cat(parts)
-
-
-def _unpack(stats: torch.Tensor, outs, d_in: int) -> tuple[bool, float, float, list[dict]]:
-    stop, n = stats[0].item() > 0, stats[1].item()
-    var = stats[2 + d_in].item() - stats[2 : 2 + d_in].pow(2).sum().item() / n
-    i, res = 3 + d_in, []
-    for o in outs:
-        m, f = 3 + len(o.extra), o.fired.numel()
-        s, fired = stats[i : i + m], stats[i + m : i + m + f]
-        res.append(
+        loss, sse, aux, *extra = (next(summed).view(()) for _ in range(3 + len(o.extra)))
+        fired = next(summed)
+        results.append(
             {
-                "loss": s[0].item(),
-                "sse": s[1].item(),
-                "aux": s[2].item(),
+                "loss": loss.item(),
+                "sse": sse.item(),
+                "aux": aux.item(),
                 "fired": fired,
-                "extra": dict(zip(o.extra, s[3:])),
+                "extra": dict(zip(o.extra, extra)),
             }
         )
-        i += m + f
-    return stop, n, var, res
+    return stop, n, var, results
 
 
 class Trainer:
@@ -400,24 +407,26 @@ class Trainer:
         step, cfg = self.step_count, self.cfg
         self.lr_factor = lr_factor(step, cfg.steps, self._warmup, cfg.lr_decay_frac)
         coeff = min(1.0, (step + 1) / self._sparsity_warmup)
-        outs = []
+        outs, row_grads = [], []
         for run in self.runs:
-            for p, _ in run.row_params:
-                p.row_grads = []  # the backward leaves the weight gradients here (nanosae.sparse)
-            o = run.sae.loss(x, run.aux_latents, coeff)
-            o.loss.backward()
-            outs.append(o)
-        stats = _pack(outs, x, stop)
+            # sparse_update (the TopK family on one CPU process): the backward leaves W_enc's and W_dec's gradients
+            # in `grads` (nanosae.sparse.RowGrads), unevaluated, and their .grad stays None; every other gradient
+            # lands in .grad as usual
+            grads = sparse.RowGrads() if run.sparse_update else None
+            out = run.sae.loss(x, run.aux_latents, coeff, grads)
+            out.loss.backward()
+            outs.append(out)
+            row_grads.append(grads)
+        stop, n, var, results = _global_stats(outs, x, stop, self.world)
         if self.world > 1:
-            dist.all_reduce(stats)
             for run in self.runs:
                 _all_reduce_grads(list(run.sae.parameters()), self.world)
-        stop, n, var, results = _unpack(stats, outs, self.d_in)
         for run, r in zip(self.runs, results):
             if not math.isfinite(r["loss"]):
                 raise NonFiniteLoss(f"step {step}: the loss of {run.sae.cfg.name} is {r['loss']}; stopped.")
-        for run, r in zip(self.runs, results):
-            run.update(r, self.lr_factor, n, var, self.world)
+        for run, r, grads in zip(self.runs, results, row_grads):
+            run.optimize(self.lr_factor, grads)  # Adam: from .grad, and W_enc/W_dec from grads by adam_rows
+            run.record(r, self.lr_factor, n, var, self.world)
             if step + 1 in self._resample_at and run.sae.cfg.resample:
                 self._resample(run, x)
         self.step_count += 1

@@ -200,7 +200,7 @@ def test_schedules():
     seen = []
     sae = trainer.runs[0].sae
     loss = sae.loss
-    sae.loss = lambda x, dead, coeff: seen.append(coeff) or loss(x, dead, coeff)
+    sae.loss = lambda x, dead, coeff, row_grads: seen.append(coeff) or loss(x, dead, coeff, row_grads)
     for i in range(12):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
         assert trainer.runs[0].opt.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1, (i + 1) / 4))
@@ -234,7 +234,7 @@ def test_a_trainer_step_is_a_plain_adam_step():
             opt.zero_grad()
             ref.normalize_decoder()
         trainer.step(x)
-    assert trainer.runs[0].row_params and trainer.runs[0].sae.W_enc.grad is None  # the dense gradient never existed
+    assert trainer.runs[0].sparse_update and trainer.runs[0].sae.W_enc.grad is None  # the dense gradient never existed
     assert trainer.runs[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
     for run, ref in zip(trainer.runs, refs):
         for p, q in zip(run.sae.parameters(), ref.parameters()):
