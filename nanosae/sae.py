@@ -371,6 +371,12 @@ class SAETrainConfig:
         return c
 
 
+def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """relu(topk_k(pre)) as dense latents: each row's k largest pre-activations through a ReLU, every other one 0."""
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+
 def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7, chunk: int = 1024) -> torch.Tensor:
     """The point minimising the summed distance to the rows of x (Weiszfeld's iteration, in float64; chunks of
     rows keep the float64 copies small, as this runs next to the training state)."""
@@ -588,15 +594,33 @@ class AprilSAE(StandardSAE):
 class TopKSAE(TrainingSAE):
     """OpenAI TopK: f = relu(topk_k((x - b_dec) W_enc + b_enc)), L = |x - x_hat|^2 / mse_scale + α AuxK, where
     AuxK = |e - e_hat|^2 / |e - mean e|^2 makes the k_aux most active dead latents reconstruct the residual
-    e = x - x_hat (e_hat = their decode, no bias). The decode and all gradients are sparse (nanosae.sparse).
-    Matryoshka: L averages |x - x_hat_g|^2 over the reconstructions x_hat_g from each nested prefix of latents."""
+    e = x - x_hat (e_hat = their decode, no bias). Matryoshka: L averages |x - x_hat_g|^2 over the reconstructions
+    x_hat_g from each nested prefix of latents. `reference_loss` is this definition in plain dense PyTorch; `loss`
+    computes the same with a sparse decode and sparse gradients (nanosae.sparse)."""
 
     inference_arch = "topk"
     defaults = {"resample": False, "grad_clip": 0.0, "beta1": 0.9, "sparsity_coeff": 0.0, "normalize": False}
 
+    def reference_loss(self, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """The definition of `loss`, written out densely: (batch x d_sae) latents, plain matmuls and autograd. `loss`
+        computes the same without the dense latents (tests hold the two to the same loss, gradients and Adam step).
+        Slow and memory-hungry: it is for reading, for tests and for the throughput benchmark's reference."""
+        xs = x * self.input_scale if self.cfg.normalize else x
+        f = self.encode(xs)  # relu(topk_k(pre)), every other latent 0
+        widths = (*self.cfg.matryoshka, self.d_sae)  # matryoshka: each nested prefix of latents reconstructs x alone
+        errs = [xs - (f[:, :m] @ self.W_dec[:m] + self.b_dec) for m in widths]  # e = x - x_hat
+        mse = sum(e.pow(2).sum() for e in errs) / (len(errs) * len(x) * self.mse_scale)
+        k_aux = min(self.cfg.k_aux, int(dead.sum()))
+        if not k_aux:
+            return mse
+        # AuxK: the k_aux most active dead latents reconstruct the main error (without b_dec); a constant target
+        e = errs[-1].detach()
+        e_hat = topk_relu(self.pre(xs).masked_fill(~dead, -math.inf), k_aux) @ self.W_dec
+        aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        return mse + self.cfg.aux_coeff * aux
+
     def encode(self, xs):
-        vals, idx = self.pre(xs).topk(self.cfg.k, dim=-1)
-        return torch.zeros(xs.shape[0], self.d_sae, device=xs.device).scatter_(-1, idx, F.relu(vals))
+        return topk_relu(self.pre(xs), self.cfg.k)
 
     def select(self, xs: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
         """(codes, pre-activation values, aux codes, aux values) of scaled inputs xs."""
@@ -635,7 +659,7 @@ class TopKSAE(TrainingSAE):
             m = self.world_sum(torch.cat([r.sum(0), r.pow(2).sum().view(1), r.new_tensor([len(r)])]))
             var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
             aux = (e_hat + r).pow(2).sum() / var * (m[-1] / len(r))  # e - e_hat with e = x - x_hat = -r
-        fired = torch.zeros(self.d_sae, device=x.device).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
+        fired = vals.new_zeros(self.d_sae).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
         extra = self._extra(vals)
         sses = [sparse.squared_error(e) for e in errs]
         loss = sum(sses) / (len(sses) * len(x) * self.mse_scale) + self.cfg.aux_coeff * aux
@@ -688,7 +712,9 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def after_step(self, extra, world_size, l0, lr):
-        batch_min = extra["min_kept"].float() / world_size  # every rank reported the same value; stats summed it
+        batch_min = (
+            extra["min_kept"].to(self.threshold) / world_size
+        )  # every rank reported the same value; stats summed it
         # a plain running mean until it would move slower than the EMA, so the start does not linger
         self.threshold_updates += 1
         self.threshold.lerp_(batch_min, max(self.cfg.threshold_rate, 1 / self.threshold_updates.item()))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from nanosae import sparse
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAE, SAEConfig, SAETrainConfig, geometric_median, load_sae, training_sae
 
@@ -62,6 +63,7 @@ def test_topk_loss_is_normalised_mse_plus_auxk():
     aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     out = _check(sae, x, dead, main + aux / 32)
     assert out.fired.sum() == N * 5 and torch.allclose(out.sse, (x_hat - xs).pow(2).sum() / sae.input_scale**2)
+    assert torch.allclose(sae.reference_loss(x, dead), main + aux / 32, rtol=1e-5)  # the dense definition states it
 
 
 def test_matryoshka_averages_the_prefix_reconstructions():
@@ -70,6 +72,36 @@ def test_matryoshka_averages_the_prefix_reconstructions():
     z = _topk_dense((xs - sae.b_dec) @ sae.W_enc + sae.b_enc, 6)
     errs = [(z[:, :m] @ sae.W_dec[:m] + sae.b_dec - xs).pow(2).sum(-1).mean() for m in (8, 24, D_SAE)]
     _check(sae, x, torch.zeros(D_SAE, dtype=torch.bool), sum(errs) / 3 / sae.mse_scale)
+    assert torch.allclose(sae.reference_loss(x, torch.zeros(D_SAE, dtype=torch.bool)), sum(errs) / 3 / sae.mse_scale)
+
+
+@pytest.mark.parametrize(
+    "arch, kw, n_dead",
+    [
+        ("topk", {}, 0),
+        ("topk", {}, 20),  # AuxK on
+        ("topk", {"matryoshka": (8, 24)}, 20),
+        ("batchtopk", {}, 20),
+        ("batchtopk", {"matryoshka": (16,)}, 0),
+    ],
+)
+def test_sparse_topk_loss_equals_its_dense_definition(arch, kw, n_dead):
+    """`loss` (sparse selection, decode and gradients) against `reference_loss` (dense latents, autograd): the loss
+    and every parameter's gradient, through autograd's .grad and through a RowGrads collector."""
+    sae, x = _sae(arch, k=5, k_aux=4, **kw)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    ref = sae.reference_loss(x, dead)
+    out = _check(sae, x, dead, ref)
+    assert (out.aux > 0) == (n_dead > 0)
+    row_grads = sparse.RowGrads()
+    sae.loss(x, dead, 1.0, row_grads).loss.backward()
+    assert sae.W_enc.grad is None and sae.W_dec.grad is None and sae.b_enc.grad is not None
+    terms = 1 + bool(n_dead) + len(kw.get("matryoshka", ()))  # W_dec: one per prefix group and AuxK
+    assert len(row_grads.W_enc) == 1 + bool(n_dead) and len(row_grads.W_dec) == terms
+    ref_enc, ref_dec = torch.autograd.grad(sae.reference_loss(x, dead), [sae.W_enc, sae.W_dec])
+    assert torch.allclose(sum(g.full() for g in row_grads.W_enc).t(), ref_enc, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(sum(g.full() for g in row_grads.W_dec), ref_dec, atol=1e-5, rtol=1e-4)
 
 
 def test_batchtopk_keeps_the_batch_top_entries_and_tracks_a_threshold():
