@@ -27,7 +27,7 @@ import torch
 
 from nanosae import load_model
 from nanosae.data import token_rows
-from nanosae.features import FeatureConfig, _Pass, _weight_stats, batch_rows, compute_features, sparse_latents
+from nanosae.features import FeatureConfig, _Pass, _weight_stats, batch_rows, compute_features
 from nanosae.hooks import run_with_cache, site_width
 from nanosae.sae import SAE, SAEConfig
 
@@ -95,7 +95,7 @@ def main() -> None:
         t0 = clock()
         for b in batches:
             _, acts = run_with_cache(model, b.to(args.device), [site], stop_early=True)
-            sparse_latents(sae, acts[site].reshape(-1, d_in).float())
+            sae.encode_sparse(acts[site].reshape(-1, d_in).float())
         sync()
         return clock() - t0
 

@@ -108,12 +108,27 @@ class SAE(nn.Module):
         if arch == "standard":
             return F.relu(pre)
         if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+            return topk_relu(pre, self.cfg.k)
         if arch == "jumprelu":
             return F.relu(pre) * (pre > self.threshold)
         mag = (x.to(self.W_enc.dtype) - self.b_dec) @ (self.W_enc * self.r_mag.exp()) + self.b_mag
         return (pre > 0) * F.relu(mag)
+
+    def encode_sparse(self, x: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n largest latents of each position of x (..., d_in), largest first: (values, ids), each (..., n).
+        n=None: as many as can be nonzero (k for topk, else the most that fire on one position of x; at least 1),
+        so every active latent is there and the rest is zero padding. Equal to encode(x).topk(n) (ids of zero values
+        aside); topk, and standard with n given, never build the dense latents."""
+        arch, d_sae = self.cfg.architecture, self.cfg.d_sae
+        if arch == "topk" or (arch == "standard" and n is not None):
+            width = self.cfg.k if arch == "topk" else d_sae
+            # relu is monotone: the largest relu(pre) are relu of the largest pre
+            vals, ids = self.pre_acts(x).topk(min(n or width, width), dim=-1)
+            return vals.relu_(), ids
+        f = self.encode(x)
+        if n is None:
+            n = max(1, int((f > 0).sum(-1).max()))
+        return f.topk(min(n, d_sae), dim=-1)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec

@@ -169,6 +169,27 @@ def test_jumprelu_loss_and_straight_through_threshold_gradient():
     assert torch.allclose(sae.b_enc.grad, d_z.sum(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
+def test_encode_sparse_equals_dense_topk(arch):
+    cfg = SAEConfig(architecture=arch, d_in=32, d_sae=96, k=4 if arch == "topk" else None)
+    sae = SAE(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(3, 7, 32, generator=g)
+    f = sae.encode(x)
+    active = int((f > 0).sum(-1).max())
+    for n, width in ((6, 4 if arch == "topk" else 6), (None, 4 if arch == "topk" else active)):
+        vals, ids = sae.encode_sparse(x, n)
+        ref_vals, ref_ids = f.topk(width, dim=-1)
+        assert vals.shape == ids.shape == (3, 7, width)
+        torch.testing.assert_close(vals, ref_vals)
+        live = ref_vals > 0
+        assert torch.equal(ids[live], ref_ids[live])
+    assert int((vals > 0).sum()) == int((f > 0).sum())  # n=None: every active latent is there
+
+
 def test_target_l0_steers_the_coefficient_and_starts_jumprelu_on_target():
     sae, x = _sae("standard", target_l0=4.0, sparsity_coeff=1.0)
     sae.after_step({}, 1, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
