@@ -234,7 +234,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         gflops.append(encoder_gflops(x, ref.sae.W_enc.detach().t(), ref.sae.b_enc.detach()))
 
-    sae = trainer.runs[0].sae.to_inference()
+    sae = trainer.learners[0].sae.to_inference()
     with torch.no_grad():
         ours = fvu_l0(lambda c: (sae.decode(f := sae.encode(c)), f), held_out)
     theirs = fvu_l0(ref.reconstruct, held_out)

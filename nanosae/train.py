@@ -190,8 +190,8 @@ class NonFiniteLoss(NanosaeError):
     """A loss became NaN or Inf; train() adds where the last good checkpoint is."""
 
 
-class _Run:
-    """One SAE with its optimizer and bookkeeping (all of it saved in checkpoints)."""
+class _Learner:
+    """One SAE of a run with its optimizer and bookkeeping (all of it saved in checkpoints)."""
 
     def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
@@ -199,7 +199,7 @@ class _Run:
         c, dev = sae.cfg, sae.W_dec.device
         # sparse_update: the TopK family's W_enc and W_dec get their gradients from a RowGrads collector and Adam
         # applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient all-reduce or a
-        # global clip needs them whole, so those runs take the plain path. It pays on CPUs (cache and memory); a GPU
+        # global clip needs them whole, so those SAEs take the plain path. It pays on CPUs (cache and memory); a GPU
         # does better with one fused Adam over the whole weight than with a launch per block
         self.sparse_update = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and dev.type == "cpu"
         adam_kw = {"fused": True} if dev.type in ("cpu", "cuda") else {}
@@ -232,7 +232,8 @@ class _Run:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        self.sae.load_state_dict(d["sae"])
+        sae = {("sparsity_coeff" if k == "coeff" else k): v for k, v in d["sae"].items()}  # older checkpoints: "coeff"
+        self.sae.load_state_dict(sae)
         self.opt.load_state_dict(d["optimizer"])
         self.since_fired.copy_(d["since_fired"])
         self.density.copy_(d["density"])
@@ -261,11 +262,11 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def record(self, r: dict, lr_factor: float, n: float, var: float, world: int) -> None:
+    def record(self, r: dict, lr_factor: float, n: float, var: float) -> None:
         """After the update: the SAE's own state (thresholds, λ), dead counters, firing densities, metric sums (n
         tokens in the global batch, var = their summed squared distance to the batch mean, for the FVU)."""
         fired = r["fired"].sum().item()  # latent firings in the global batch (mean L0 = fired / n)
-        self.sae.after_step(r["extra"], world, fired / n, self.sae.cfg.lr * lr_factor)
+        self.sae.after_step(r["extra"], fired / n, self.sae.cfg.lr * lr_factor)
         self.since_fired += int(n)
         self.since_fired[r["fired"] > 0] = 0
         rate = min(1.0, n / self.density_tokens)
@@ -273,10 +274,10 @@ class _Run:
         first = self.recent[0] < 0  # the first batch starts the average
         self.recent.lerp_(r["fired"].to(self.recent) / n, 1.0 if first else min(1.0, n / self.dead_tokens))
         for k, v in (
-            ("loss", r["loss"] / world),
+            ("loss", r["loss"] / self.sae.world),
             ("sse", r["sse"]),
             ("l0", fired),
-            ("aux", r["aux"] / world),
+            ("aux", r["aux"] / self.sae.world),
             ("tokens", n),
             ("var", var),
             ("steps", 1),
@@ -381,70 +382,75 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dead_tokens = _dead_tokens(cfg)
         device = torch.device(cfg.device)
-        self.runs = [
-            _Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world) for s in cfg.saes
+        self.learners = [
+            _Learner(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world)
+            for s in cfg.saes
         ]
-        names = [run.sae.cfg.name for run in self.runs]
+        names = [learner.sae.cfg.name for learner in self.learners]
         if len(set(names)) != len(names):
             raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
         self.step_count = 0
         self.lr_factor = 0.0
-        self._warmup = _warmup_steps(cfg)
-        self._sparsity_warmup = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
+        self._lr_warmup_steps = _warmup_steps(cfg)
+        self._sparsity_warmup_steps = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
         self._resample_at = {cfg.steps * j // 5 for j in range(1, 5)}
 
     def init(self, x: torch.Tensor) -> None:
         """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's x belongs to."""
-        sample = self.runs[0].sae.world_gather(x)  # every rank's rows: the global batch
-        for run in self.runs:
-            run.sae.init_from_sample(sample)
-            run.sae.normalize_decoder()
+        sample = self.learners[0].sae.world_gather(x)  # every rank's rows: the global batch
+        for learner in self.learners:
+            learner.sae.init_from_sample(sample)
+            learner.sae.normalize_decoder()
             if self.world > 1:
-                _broadcast(run.sae)
+                _broadcast(learner.sae)
 
     def step(self, x: torch.Tensor, stop: bool = False) -> bool:
         """One optimisation step of every SAE on x; returns whether any rank asked to stop (after this step)."""
         step, cfg = self.step_count, self.cfg
-        self.lr_factor = lr_factor(step, cfg.steps, self._warmup, cfg.lr_decay_frac)
-        coeff = min(1.0, (step + 1) / self._sparsity_warmup)
+        self.lr_factor = lr_factor(step, cfg.steps, self._lr_warmup_steps, cfg.lr_decay_frac)
+        sparsity_warmup = min(1.0, (step + 1) / self._sparsity_warmup_steps)  # λ's factor
         outs, row_grads = [], []
-        for run in self.runs:
+        for learner in self.learners:
             # sparse_update (the TopK family on one CPU process): the backward leaves W_enc's and W_dec's gradients
             # in `grads` (nanosae.sparse.RowGrads), unevaluated, and their .grad stays None; every other gradient
             # lands in .grad as usual
-            grads = sparse.RowGrads() if run.sparse_update else None
-            out = run.sae.loss(x, run.aux_latents, coeff, grads)
+            grads = sparse.RowGrads() if learner.sparse_update else None
+            out = learner.sae.loss(x, learner.aux_latents, sparsity_warmup, grads)
             out.loss.backward()
             outs.append(out)
             row_grads.append(grads)
         stop, n, var, results = _global_stats(outs, x, stop, self.world)
         if self.world > 1:
-            for run in self.runs:
-                _all_reduce_grads(list(run.sae.parameters()), self.world)
-        for run, r in zip(self.runs, results):
+            for learner in self.learners:
+                _all_reduce_grads(list(learner.sae.parameters()), self.world)
+        for learner, r in zip(self.learners, results):
             if not math.isfinite(r["loss"]):
-                raise NonFiniteLoss(f"step {step}: the loss of {run.sae.cfg.name} is {r['loss']}; stopped.")
-        for run, r, grads in zip(self.runs, results, row_grads):
-            run.optimize(self.lr_factor, grads)  # Adam: from .grad, and W_enc/W_dec from grads by adam_rows
-            run.record(r, self.lr_factor, n, var, self.world)
-            if step + 1 in self._resample_at and run.sae.cfg.resample:
-                self._resample(run, x)
+                raise NonFiniteLoss(f"step {step}: the loss of {learner.sae.cfg.name} is {r['loss']}; stopped.")
+        for learner, r, grads in zip(self.learners, results, row_grads):
+            learner.optimize(self.lr_factor, grads)  # Adam: from .grad, and W_enc/W_dec from grads by adam_rows
+            learner.record(r, self.lr_factor, n, var)
+            if step + 1 in self._resample_at and learner.sae.cfg.resample:
+                self._resample(learner, x)
         self.step_count += 1
         return stop
 
-    def _resample(self, run: _Run, x: torch.Tensor) -> None:
-        dead = run.dead
-        if run.sae.resample(dead, x, run.opt):
-            run.since_fired[dead] = 0
+    def _resample(self, learner: _Learner, x: torch.Tensor) -> None:
+        dead = learner.dead
+        if learner.sae.resample(dead, x, learner.opt):
+            learner.since_fired[dead] = 0
             if self.world > 1:
-                _broadcast(run.sae)
+                _broadcast(learner.sae)
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "saes": [r.state_dict() for r in self.runs], "rng": torch.get_rng_state()}
+        return {
+            "step": self.step_count,
+            "saes": [learner.state_dict() for learner in self.learners],
+            "rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, d: dict) -> None:
-        for run, state in zip(self.runs, d["saes"]):
-            run.load_state_dict(state)
+        for learner, state in zip(self.learners, d["saes"]):
+            learner.load_state_dict(state)
         torch.set_rng_state(d["rng"])
         self.step_count = d["step"]
 
@@ -599,12 +605,14 @@ def train(
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                     _save_checkpoint(out, trainer, stream)
         _save_checkpoint(out, trainer, stream)
-        saes = [run.sae.to_inference(**meta) for run in trainer.runs]
+        saes = [learner.sae.to_inference(**meta) for learner in trainer.learners]
         if rank == 0:
             if eval_fn is not None:
                 _evaluate(trainer, eval_fn, meta, log)
-            for run, sae in zip(trainer.runs, saes):
-                sae.save(out if len(saes) == 1 else out / run.sae.cfg.name, sparsity=(run.density + 1e-10).log10())
+            for learner, sae in zip(trainer.learners, saes):
+                sae.save(
+                    out if len(saes) == 1 else out / learner.sae.cfg.name, sparsity=(learner.density + 1e-10).log10()
+                )
     finally:
         bar.close()
         if log is not None:
@@ -638,13 +646,13 @@ def _meta(stream, cfg: TrainConfig) -> dict:
 
 def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
     parts, lr = [], 0.0
-    for run in trainer.runs:
-        m = run.flush()
-        lr = run.sae.cfg.lr * trainer.lr_factor
+    for learner in trainer.learners:
+        m = learner.flush()
+        lr = learner.sae.cfg.lr * trainer.lr_factor
         line = {
             "step": trainer.step_count,
             "tokens": trainer.step_count * trainer.cfg.batch_size,
-            "sae": run.sae.cfg.name,
+            "sae": learner.sae.cfg.name,
             **m,
             "lr": lr,
             "tok_s": tok_s,
@@ -659,9 +667,9 @@ def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
 
 
 def _evaluate(trainer: Trainer, eval_fn, meta: dict, log) -> None:
-    for run in trainer.runs:
-        result = eval_fn(run.sae.to_inference(**meta))
-        line = {"step": trainer.step_count, "sae": run.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
+    for learner in trainer.learners:
+        result = eval_fn(learner.sae.to_inference(**meta))
+        line = {"step": trainer.step_count, "sae": learner.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
         log.write(json.dumps(line) + "\n")
         log.flush()
 
@@ -673,14 +681,14 @@ def _last_good(out: Path) -> str:
 
 
 def _summary(trainer: Trainer, out: Path, seconds: float, tokens: int) -> None:
-    runs = trainer.runs
+    learners = trainer.learners
     print(
-        f"\ntrained {len(runs)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+        f"\ntrained {len(learners)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
     )
     print(f"{'sae':36s} {'d_sae':>7s} {'FVU':>7s} {'L0':>7s} {'dead %':>7s}  folder")
-    for run in runs:
-        m, c = run.last, run.sae.cfg
-        folder = out if len(runs) == 1 else out / c.name
+    for learner in learners:
+        m, c = learner.last, learner.sae.cfg
+        folder = out if len(learners) == 1 else out / c.name
         fvu, l0, dead = (m.get(k, math.nan) for k in ("fvu", "l0", "dead_frac"))
         print(f"{c.name:36s} {c.d_sae:7d} {fvu:7.4f} {l0:7.1f} {100 * dead:7.2f}  {folder}")
     print(f"metrics: {out / METRICS}   checkpoint: {out / CHECKPOINT}")

@@ -118,9 +118,9 @@ def test_batchtopk_keeps_the_batch_top_entries_and_tracks_a_threshold():
     )
     assert out.fired.sum() == N * 4 and not torch.equal(out.fired, torch.full_like(out.fired, out.fired[0]))
     smallest = z[z > 0].min()
-    sae.after_step({k: v.double() for k, v in out.extra.items()}, 1, 4.0, 1e-3)
+    sae.after_step({k: v.double() for k, v in out.extra.items()}, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, smallest)
-    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 1, 4.0, 1e-3)
+    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, 1.5 * smallest)  # running mean while it moves faster than the EMA
 
 
@@ -192,10 +192,10 @@ def test_encode_sparse_equals_dense_topk(arch):
 
 def test_target_l0_steers_the_coefficient_and_starts_jumprelu_on_target():
     sae, x = _sae("standard", target_l0=4.0, sparsity_coeff=1.0)
-    sae.after_step({}, 1, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
-    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * math.log(2.0))))
-    sae.after_step({}, 1, 0.001, 0.01)  # far below: the step is capped
-    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * (math.log(2.0) - 1))))
+    sae.after_step({}, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
+    assert torch.isclose(sae.sparsity_coeff, torch.tensor(math.exp(0.01 * math.log(2.0))))
+    sae.after_step({}, 0.001, 0.01)  # far below: the step is capped
+    assert torch.isclose(sae.sparsity_coeff, torch.tensor(math.exp(0.01 * (math.log(2.0) - 1))))
     topk = SAETrainConfig(arch="topk", d_sae=D_SAE, target_l0=6.4).resolved(D_IN)
     assert topk.k == 6 and topk.name == "topk_k6_x4"
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_saved_sae_reads_unscaled_activations(arch, tmp_path):
     c = sae.input_scale
     with torch.no_grad():
         if arch == "batchtopk":  # saved as JumpReLU with the tracked threshold
-            pre = sae.pre(x * c)
+            pre = sae.pre_acts(x * c)
             want_f = pre * (pre > 0.4)
         else:
             want_f = sae.encode(x * c)

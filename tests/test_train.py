@@ -198,12 +198,12 @@ def test_schedules():
     trainer = Trainer(cfg, D_IN)
     trainer.init(DATA[:128])
     seen = []
-    sae = trainer.runs[0].sae
+    sae = trainer.learners[0].sae
     loss = sae.loss
-    sae.loss = lambda x, dead, coeff, row_grads: seen.append(coeff) or loss(x, dead, coeff, row_grads)
+    sae.loss = lambda x, dead, warmup, row_grads: seen.append(warmup) or loss(x, dead, warmup, row_grads)
     for i in range(12):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-        assert trainer.runs[0].opt.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1, (i + 1) / 4))
+        assert trainer.learners[0].opt.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1, (i + 1) / 4))
     assert seen == pytest.approx([min(1, (i + 1) / 10) for i in range(12)])
     assert SAETrainConfig(d_sae=2**16).resolved(D_IN).lr == pytest.approx(1e-4)  # 2e-4 / sqrt(d_sae / 2^14)
 
@@ -224,29 +224,31 @@ def test_a_trainer_step_is_a_plain_adam_step():
     )
     trainer = Trainer(cfg, D_IN)
     data = DATA.double()
-    for run in trainer.runs:
-        run.sae.double()  # in place: the optimizer keeps its parameters
+    for learner in trainer.learners:
+        learner.sae.double()  # in place: the optimizer keeps its parameters
     trainer.init(data[:128])
-    refs = [copy.deepcopy(run.sae) for run in trainer.runs]
+    refs = [copy.deepcopy(learner.sae) for learner in trainer.learners]
     opts = [torch.optim.Adam(r.parameters(), lr=1e-3, foreach=False) for r in refs]
-    assert trainer.runs[0].sae.W_enc.stride() == (1, D_IN)  # stored transposed on purpose
+    assert trainer.learners[0].sae.W_enc.stride() == (1, D_IN)  # stored transposed on purpose
     for i in range(3):
         x = data[i * 128 : (i + 1) * 128]
-        for run, ref, opt in zip(trainer.runs, refs, opts):
+        for learner, ref, opt in zip(trainer.learners, refs, opts):
             if ref.cfg.arch in ("topk", "batchtopk"):
-                ref.reference_loss(x, run.dead).backward()
+                ref.reference_loss(x, learner.dead).backward()
             else:
-                ref.loss(x, run.dead, 1.0).loss.backward()
+                ref.loss(x, learner.dead, 1.0).loss.backward()
             ref.project_grads()
             opt.step()
             opt.zero_grad()
             ref.normalize_decoder()
         trainer.step(x)
-    assert trainer.runs[0].sparse_update and trainer.runs[0].sae.W_enc.grad is None  # the dense gradient never existed
-    assert trainer.runs[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
-    for run, ref in zip(trainer.runs, refs):
-        for p, q in zip(run.sae.parameters(), ref.parameters()):
-            assert torch.allclose(p, q, atol=1e-10), (run.sae.cfg.name, (p - q).abs().max())
+    assert (
+        trainer.learners[0].sparse_update and trainer.learners[0].sae.W_enc.grad is None
+    )  # the dense gradient never existed
+    assert trainer.learners[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
+    for learner, ref in zip(trainer.learners, refs):
+        for p, q in zip(learner.sae.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-10), (learner.sae.cfg.name, (p - q).abs().max())
 
 
 def test_dead_latents_are_counted_and_feed_auxk():
@@ -255,14 +257,14 @@ def test_dead_latents_are_counted_and_feed_auxk():
     )
     trainer = Trainer(cfg, D_IN)
     trainer.init(DATA[:128])
-    run = trainer.runs[0]
+    learner = trainer.learners[0]
     with torch.no_grad():
-        run.sae.b_enc[:8] = -1e4  # these can never fire
+        learner.sae.b_enc[:8] = -1e4  # these can never fire
     for i in range(6):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-        run.sae.b_enc.data[:8] = -1e4
-    m = run.flush()
-    assert run.dead[:8].all() and m["dead_frac"] >= 8 / 64 and m["aux"] > 0  # dead after 512 tokens: AuxK on
+        learner.sae.b_enc.data[:8] = -1e4
+    m = learner.flush()
+    assert learner.dead[:8].all() and m["dead_frac"] >= 8 / 64 and m["aux"] > 0  # dead after 512 tokens: AuxK on
 
 
 def test_aux_rare_hands_rarely_firing_latents_to_auxk():
@@ -275,10 +277,25 @@ def test_aux_rare_hands_rarely_firing_latents_to_auxk():
     trainer.init(DATA[:128])
     for i in range(6):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-    rare, plain = trainer.runs
+    rare, plain = trainer.learners
     want = rare.recent < 0.5 * rare.recent.mean()  # the firing rate over about dead_tokens
     assert not rare.dead.any() and want.any() and torch.equal(rare.aux_latents, want)
     assert rare.flush()["aux"] > 0 and plain.flush()["aux"] == 0  # AuxK ran on them; without aux_rare it did not
+
+
+def test_checkpoints_that_call_lambda_coeff_still_load():
+    """Checkpoints written before λ's buffer was named sparsity_coeff hold it as "coeff"."""
+    cfg = TrainConfig(saes=[SAETrainConfig(arch="jumprelu", d_sae=64, target_l0=2)], tokens=40 * 128, batch_size=128)
+    trainer = Trainer(cfg, D_IN)
+    trainer.init(DATA[:128])
+    for i in range(3):
+        trainer.step(DATA[i * 128 : (i + 1) * 128])
+    state = trainer.state_dict()
+    state["saes"][0]["sae"]["coeff"] = state["saes"][0]["sae"].pop("sparsity_coeff")
+    again = Trainer(cfg, D_IN)
+    again.load_state_dict(state)
+    moved = trainer.learners[0].sae.sparsity_coeff
+    assert moved != 1.0 and torch.equal(again.learners[0].sae.sparsity_coeff, moved)
 
 
 def test_resampling_reinitialises_dead_latents_and_their_adam_state():
