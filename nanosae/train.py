@@ -11,7 +11,7 @@ latents at a time.
 
 An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
-(nanosae.activations.model_stream / cache_stream, or TensorStream below for activations already in memory).
+(nanosae.activations.model_stream / cache_stream).
 """
 
 from __future__ import annotations
@@ -83,56 +83,6 @@ class TrainConfig:
         d = dict(d)
         d["saes"] = [SAETrainConfig(**{**s, "matryoshka": tuple(s.get("matryoshka", ()))}) for s in d["saes"]]
         return cls(**d)
-
-
-class TensorStream:
-    """An activation stream over a tensor in memory (n, d_in): seeded shuffled epochs (the tail that does not
-    fill a batch is skipped); rank r gets rows [r*b, (r+1)*b) of each global batch (b = batch_size // world)."""
-
-    def __init__(
-        self,
-        data: torch.Tensor,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-        site: str = "",
-        model_name: str = "",
-        context_size: int = 0,
-        dataset: str = "",
-    ):
-        if batch_size % world_size:
-            raise NanosaeError(f"batch size {batch_size} does not split over {world_size} ranks; use a multiple")
-        if data.ndim != 2 or data.shape[0] < batch_size:
-            raise NanosaeError(f"need a (n >= {batch_size}, d_in) tensor of activations, got {tuple(data.shape)}")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.rank, self.local = rank, batch_size // world_size
-        self.d_in, self.site, self.model_name, self.context_size, self.dataset = (
-            data.shape[1],
-            site,
-            model_name,
-            context_size,
-            dataset,
-        )
-        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
-        self._perm = None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def __iter__(self) -> TensorStream:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        n = self.data.shape[0]
-        if self.pos + self.batch_size > n:
-            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
-        if self._perm is None:
-            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        start = self.pos + self.rank * self.local
-        self.pos += self.batch_size
-        return self.data[self._perm[start : start + self.local]].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------

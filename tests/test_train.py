@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from nanosae.cli import build_parser, main
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAETrainConfig, load_sae, training_sae
-from nanosae.train import TensorStream, TrainConfig, Trainer, lr_factor, read_checkpoint, train
+from nanosae.train import TrainConfig, Trainer, lr_factor, read_checkpoint, train
 
 D_IN = 16
 BASE_DIR = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
@@ -33,8 +33,31 @@ DATA = _data()
 HELD_OUT = _data(1024, seed=1)
 
 
+class _TensorStream:
+    """An activation stream over a tensor in memory: seeded shuffled epochs (a tail short of a batch is skipped),
+    continued exactly from its state()."""
+
+    def __init__(self, data, batch_size, seed=0, state=None, site="", model_name=""):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.d_in, self.site, self.model_name, self.context_size, self.dataset = data.shape[1], site, model_name, 0, ""
+        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
+        self._perm = None
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def __next__(self):
+        n = self.data.shape[0]
+        if self.pos + self.batch_size > n:
+            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        self.pos += self.batch_size
+        return self.data[self._perm[self.pos - self.batch_size : self.pos]].float()
+
+
 class _Faulty:
-    """A TensorStream that misbehaves at one batch: Ctrl-C, a crash or a NaN."""
+    """A stream that misbehaves at one batch: Ctrl-C, a crash or a NaN."""
 
     def __init__(self, inner, at, what):
         self.inner, self.at, self.what, self.n = inner, at, what, 0
@@ -69,7 +92,7 @@ def _cfg(out, **kw):
 
 def _stream(wrap=None):
     def make(state):
-        s = TensorStream(DATA, 128, seed=3, state=state, site="blocks.1.resid_post", model_name="t")
+        s = _TensorStream(DATA, 128, seed=3, state=state, site="blocks.1.resid_post", model_name="t")
         return wrap(s) if wrap else s
 
     return make
@@ -136,7 +159,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_resume_refuses_activations_of_another_width(uninterrupted):
-    wide = TensorStream(torch.randn(512, D_IN + 1), 128)
+    wide = _TensorStream(torch.randn(512, D_IN + 1), 128)
     with pytest.raises(NanosaeError, match="17-wide but the checkpoint's SAEs read 16"):
         train(_cfg(uninterrupted), lambda state: wide, resume=True, progress=False)
 
