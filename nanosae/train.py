@@ -497,26 +497,7 @@ def train(
     eval_fn(sae) runs on the inference SAE every eval_every steps and at the end; its dict is logged."""
     out = Path(cfg.out)
     rank, world = dist_info()
-    ckpt = read_checkpoint(out) if resume else None
-    if ckpt is not None:
-        _check_resume(cfg, ckpt, world)
-    elif (out / CHECKPOINT).exists():
-        raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
-    stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
-    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
-        raise NanosaeError(
-            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
-            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
-        )
-    trainer = Trainer(cfg, stream.d_in)
-    first = None
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        if rank == 0:
-            _truncate_metrics(out / METRICS, trainer.step_count)
-    else:
-        first = _next_batch(stream, cfg, world)
-        trainer.init(first)
+    trainer, stream, first = _start(cfg, stream_fn, resume, out, rank, world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / METRICS, "a") if rank == 0 else None
@@ -555,20 +536,51 @@ def train(
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                     _save_checkpoint(out, trainer, stream)
         _save_checkpoint(out, trainer, stream)
-        saes = [learner.sae.to_inference(**meta) for learner in trainer.learners]
-        if rank == 0:
-            if eval_fn is not None:
-                _evaluate(trainer, eval_fn, meta, log)
-            for learner, sae in zip(trainer.learners, saes):
-                sae.save(
-                    out if len(saes) == 1 else out / learner.sae.cfg.name, sparsity=(learner.density + 1e-10).log10()
-                )
+        saes = _finish(trainer, out, meta, eval_fn, log)
     finally:
         bar.close()
         if log is not None:
             log.close()
     if rank == 0:
         _summary(trainer, out, time.perf_counter() - t0, tokens)
+    return saes
+
+
+def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, world: int):
+    """The run's trainer and stream: restored from the checkpoint in `out` when resuming, else freshly initialised
+    from the first batch (returned too, to be trained on first; None when resuming)."""
+    ckpt = read_checkpoint(out) if resume else None
+    if ckpt is not None:
+        _check_resume(cfg, ckpt, world)
+    elif (out / CHECKPOINT).exists():
+        raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
+    stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
+    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
+        raise NanosaeError(
+            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
+            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
+        )
+    trainer = Trainer(cfg, stream.d_in)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if rank == 0:
+            _truncate_metrics(out / METRICS, trainer.step_count)
+        return trainer, stream, None
+    first = _next_batch(stream, cfg, world)
+    trainer.init(first)
+    return trainer, stream, first
+
+
+def _finish(trainer: Trainer, out: Path, meta: dict, eval_fn, log) -> list[SAE]:
+    """The inference SAEs; rank 0 also runs the final eval and saves them: `out` itself for one SAE, else
+    out/<name> each."""
+    saes = [learner.sae.to_inference(**meta) for learner in trainer.learners]
+    if trainer.rank == 0:
+        if eval_fn is not None:
+            _evaluate(trainer, eval_fn, meta, log)
+        for learner, sae in zip(trainer.learners, saes):
+            folder = out if len(saes) == 1 else out / learner.sae.cfg.name
+            sae.save(folder, sparsity=(learner.density + 1e-10).log10())
     return saes
 
 
