@@ -670,12 +670,13 @@ class TopKSAE(TrainingSAE):
         xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
+        # which latents fire (no gradient flows through the choice), then their values with sparse gradients
         codes, pre_vals, aux_codes, aux_pre = self.select(xs, dead_idx, k_aux)
         vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals, row_grads))
         errs = self.errors(codes, vals, xs, row_grads)
         e = errs[-1].detach()  # x - x_hat; read only in this forward (the backward overwrites it)
         aux = x.new_zeros(())
-        if k_aux:
+        if k_aux:  # AuxK
             aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads))
             e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec, row_grads)
             # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
@@ -684,7 +685,7 @@ class TopKSAE(TrainingSAE):
             aux = (e - e_hat).pow(2).sum() / var * (m[-1] / len(e))
         fired = vals.new_zeros(self.d_sae).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
         extra = self._extra(vals)
-        sses = [sparse.squared_error(e) for e in errs]
+        sses = [sparse.squared_error(err) for err in errs]
         loss = sum(sses) / (len(sses) * len(x) * self.mse_scale) + self.cfg.aux_coeff * aux
         return self._out(loss, sses[-1], fired, aux, **extra)
 

@@ -195,9 +195,6 @@ class _Learner:
         """Apply the step's gradients: project the decoder's, clip, Adam, renormalise the decoder. With row_grads
         (sparse_update), W_enc and W_dec have no .grad: adam_rows applies theirs, projection and renorm included."""
         sae, c = self.sae, self.sae.cfg
-        for p in sae.parameters():  # fused Adam (torch 2.13, CPU) silently misreads a grad laid out unlike its param
-            if p.grad is not None and p.grad.stride() != p.stride():
-                p.grad = torch.empty_like(p).copy_(p.grad)
         sae.project_grads()
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
@@ -305,13 +302,7 @@ def _global_stats(
         loss, sse, aux, *extra = (next(summed).view(()) for _ in range(3 + len(o.extra)))
         fired = next(summed)
         results.append(
-            {
-                "loss": loss.item(),
-                "sse": sse.item(),
-                "aux": aux.item(),
-                "fired": fired,
-                "extra": dict(zip(o.extra, extra)),
-            }
+            dict(loss=loss.item(), sse=sse.item(), aux=aux.item(), fired=fired, extra=dict(zip(o.extra, extra)))
         )
     return stop, n, var, results
 
