@@ -454,12 +454,6 @@ class TrainingSAE(nn.Module):
         self.register_buffer("sparsity_coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (target_l0 moves it)
         self.world = 1  # data-parallel ranks sharing each batch (the trainer sets it under DDP)
 
-    def world_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over the data-parallel ranks, in place."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
     def world_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t, concatenated in rank order."""
         if self.world == 1:
@@ -679,8 +673,9 @@ class TopKSAE(TrainingSAE):
         if k_aux:  # AuxK
             aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads))
             e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec, row_grads)
-            # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
-            m = self.world_sum(torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])]))
+            m = torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])])
+            if self.world > 1:  # |e - mean e|^2 over the global batch: ranks average to the one-process loss
+                dist.all_reduce(m)
             var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
             aux = (e - e_hat).pow(2).sum() / var * (m[-1] / len(e))
         fired = vals.new_zeros(self.d_sae).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))

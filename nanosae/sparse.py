@@ -27,31 +27,17 @@ import torch.nn.functional as F
 
 
 class Codes(NamedTuple):
-    index: torch.Tensor  # (2, nnz) int32: latent and token of each entry, tokens non-decreasing
+    cols: torch.Tensor  # (nnz,) int32: the latent of each entry
+    rows: torch.Tensor  # (nnz,) int32: the token of each entry, non-decreasing
     offsets: torch.Tensor  # (n,) index of each token's first entry
     perm: torch.Tensor  # (nnz,) the entries in latent order
     latent_offsets: torch.Tensor  # (d_sae + 1,) where each latent's entries start in that order, then nnz
     latent_tokens: torch.Tensor  # (nnz,) the entries' tokens in that order
-
-    @property
-    def cols(self) -> torch.Tensor:
-        return self.index[0]
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self.index[1]
-
-    @property
-    def n(self) -> int:
-        return self.offsets.numel()
-
-    @property
-    def d_sae(self) -> int:
-        return self.latent_offsets.numel() - 1
+    d_sae: int
 
     def subset(self, keep: torch.Tensor) -> Codes:
         """The entries where `keep` (nnz,) is true; every token keeps its (possibly empty) place."""
-        return _codes(self.cols[keep], self.rows[keep], self.n, self.d_sae)
+        return _codes(self.cols[keep], self.rows[keep], self.offsets.numel(), self.d_sae)
 
 
 def _codes(cols: torch.Tensor, rows: torch.Tensor, n: int, d_sae: int) -> Codes:
@@ -60,9 +46,8 @@ def _codes(cols: torch.Tensor, rows: torch.Tensor, n: int, d_sae: int) -> Codes:
     counts = torch.bincount(rows, minlength=n).int()
     latent_offsets = F.pad(torch.bincount(cols, minlength=d_sae).cumsum(0, dtype=torch.int32), (1, 0))
     perm = torch.argsort(cols, stable=True).int()
-    return Codes(
-        torch.stack([cols, rows]), counts.cumsum(0, dtype=torch.int32) - counts, perm, latent_offsets, rows[perm]
-    )
+    offsets = counts.cumsum(0, dtype=torch.int32) - counts
+    return Codes(cols, rows, offsets, perm, latent_offsets, rows[perm], d_sae)
 
 
 def topk_codes(idx: torch.Tensor, d_sae: int) -> Codes:
@@ -136,14 +121,8 @@ class RowGrad(NamedTuple):
 
     def rows(self, lo: int, hi: int, start: int, end: int) -> torch.Tensor:
         """Rows lo..hi; start, end = latent_offsets[lo], latent_offsets[hi] (host integers, read once by the caller)."""
-        offsets = self.codes.latent_offsets[lo:hi] - start
-        out = F.embedding_bag(
-            self.codes.latent_tokens[start:end],
-            self.dense,
-            offsets,
-            mode="sum",
-            per_sample_weights=self.weights[start:end],
-        )
+        offsets, tokens = self.codes.latent_offsets[lo:hi] - start, self.codes.latent_tokens[start:end]
+        out = F.embedding_bag(tokens, self.dense, offsets, mode="sum", per_sample_weights=self.weights[start:end])
         if self.scale is not None:
             out.addr_(self.scale[lo:hi], self.shift, alpha=-1)
         return out
@@ -248,6 +227,4 @@ class _SquaredError(torch.autograd.Function):
         return e.mul_(2 * g)
 
 
-def squared_error(e: torch.Tensor) -> torch.Tensor:
-    """sum |e|^2; e is overwritten by the backward."""
-    return _SquaredError.apply(e)
+squared_error = _SquaredError.apply  # sum |e|^2 of e (overwritten by the backward)

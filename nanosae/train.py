@@ -220,15 +220,9 @@ class _Learner:
         self.density.mul_(1 - rate).add_(r["fired"].to(self.density) / n, alpha=rate)
         first = self.recent[0] < 0  # the first batch starts the average
         self.recent.lerp_(r["fired"].to(self.recent) / n, 1.0 if first else min(1.0, n / self.dead_tokens))
-        for k, v in (
-            ("loss", r["loss"] / self.sae.world),
-            ("sse", r["sse"]),
-            ("l0", fired),
-            ("aux", r["aux"] / self.sae.world),
-            ("tokens", n),
-            ("var", var),
-            ("steps", 1),
-        ):
+        w = self.sae.world  # every rank reported its loss and aux; the sum over ranks is w times the mean
+        step = {"loss": r["loss"] / w, "sse": r["sse"], "l0": fired, "aux": r["aux"] / w, "tokens": n, "var": var}
+        for k, v in {**step, "steps": 1}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
     def flush(self) -> dict[str, float]:
@@ -352,9 +346,8 @@ class Trainer:
         sparsity_warmup = min(1.0, (step + 1) / self._sparsity_warmup_steps)  # λ's factor
         outs, row_grads = [], []
         for learner in self.learners:
-            # sparse_update (the TopK family on one CPU process): the backward leaves W_enc's and W_dec's gradients
-            # in `grads` (nanosae.sparse.RowGrads), unevaluated, and their .grad stays None; every other gradient
-            # lands in .grad as usual
+            # sparse_update (TopK family, one CPU process): the backward leaves W_enc's and W_dec's gradients in
+            # `grads`, unevaluated (nanosae.sparse.RowGrads), and their .grad None; the rest goes to .grad as usual
             grads = sparse.RowGrads() if learner.sparse_update else None
             out = learner.sae.loss(x, learner.aux_latents, sparsity_warmup, grads)
             out.loss.backward()
