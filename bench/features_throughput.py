@@ -73,12 +73,12 @@ def main() -> None:
     clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
 
     @torch.inference_mode()
-    def baseline() -> float:
+    def baseline(encode) -> float:  # the forward to the site and `encode` of its activations, every batch
         sync()
         t0 = clock()
         for b in batches:
             _, acts = run_with_cache(model, b.to(args.device), [site], stop_early=True)
-            sae.encode(acts[site].reshape(-1, d_in).float())
+            encode(acts[site].reshape(-1, d_in).float())
         sync()
         return clock() - t0
 
@@ -86,16 +86,6 @@ def main() -> None:
         sync()
         t0 = clock()
         compute_features(model, tok, sae, batches, cfg, progress=False)
-        sync()
-        return clock() - t0
-
-    @torch.inference_mode()
-    def sparse_baseline() -> float:  # the same, without materializing the dense (N, d_sae) latents
-        sync()
-        t0 = clock()
-        for b in batches:
-            _, acts = run_with_cache(model, b.to(args.device), [site], stop_early=True)
-            sae.encode_sparse(acts[site].reshape(-1, d_in).float())
         sync()
         return clock() - t0
 
@@ -108,8 +98,8 @@ def main() -> None:
 
     base, sparse, feat, fixed = math.inf, math.inf, math.inf, math.inf
     for _ in range(args.repeats):
-        base = min(base, baseline())
-        sparse = min(sparse, sparse_baseline())
+        base = min(base, baseline(sae.encode))
+        sparse = min(sparse, baseline(sae.encode_sparse))  # without the dense (N, d_sae) latents
         feat = min(feat, features())
         fixed = min(fixed, weights())
     state = _Pass(args.d_sae, d_in, cfg, "cpu")
