@@ -133,8 +133,9 @@ class RowGrad(NamedTuple):
 
 @dataclass
 class RowGrads:
-    """The fused path's collector: the backward of `gather` and `decode` appends each term of W_enc's and W_dec's
-    gradients here, unevaluated and in (d_sae, d) row layout, instead of writing W_enc.grad and W_dec.grad."""
+    """A step's collector of weight gradients: the backward of `gather` and `decode` appends each term of W_enc's and
+    W_dec's gradients here, unevaluated and one row per latent (W_enc's transposed), instead of writing W_enc.grad
+    and W_dec.grad. nanosae.train hands it to adam_rows (the TopK family's update on one CPU process)."""
 
     W_enc: list[RowGrad] = field(default_factory=list)
     W_dec: list[RowGrad] = field(default_factory=list)
