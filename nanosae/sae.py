@@ -646,17 +646,18 @@ class TopKSAE(TrainingSAE):
 
     def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor, row_grads=None) -> list[torch.Tensor]:
         """The errors e = x - x_hat of each nested prefix of latents (just the full SAE without matryoshka). The
-        decode of -vals is -(x_hat - b_dec), so e builds up in the decode's own (n, d_in) memory."""
-        neg = -vals
+        decode of -vals is b_dec - x_hat, so e builds up in the decode's own (n, d_in) memory; only small tensors
+        are negated (-b_dec: adding it needs no negated copy of the (n, d_in) gradient in the backward)."""
+        neg_vals, neg_b_dec = -vals, -self.b_dec
         if not self.cfg.matryoshka:
-            return [sparse.decode(codes, neg, self.W_dec, row_grads).add_(xs).sub_(self.b_dec)]
-        shift = xs - self.b_dec
+            return [sparse.decode(codes, neg_vals, self.W_dec, row_grads).add_(xs).add_(neg_b_dec)]
+        shift = xs + neg_b_dec
         bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
         group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
         out, partial = [], 0
         for g in range(len(self.cfg.matryoshka) + 1):
             keep = group == g
-            partial = partial + sparse.decode(codes.subset(keep), neg[keep], self.W_dec, row_grads)
+            partial = partial + sparse.decode(codes.subset(keep), neg_vals[keep], self.W_dec, row_grads)
             out.append(partial + shift)
         return out
 

@@ -225,7 +225,7 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (e,) = ctx.saved_tensors
-        return e.mul_(2 * g)
+        return e.detach().mul_(2 * g)  # detached: a gradient that carried e's graph would keep that graph alive
 
 
 squared_error = _SquaredError.apply  # sum |e|^2 of e (overwritten by the backward)

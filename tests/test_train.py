@@ -2,15 +2,18 @@
 schedules, dead latents, resampling, the eval hook, and the `nanosae train` command."""
 
 import copy
+import gc
 import json
 import os
 import signal
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanosae import sparse
 from nanosae.cli import build_parser, main
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAETrainConfig, load_sae, training_sae
@@ -272,6 +275,20 @@ def test_a_trainer_step_is_a_plain_adam_step():
     for learner, ref in zip(trainer.learners, refs):
         for p, q in zip(learner.sae.parameters(), ref.parameters()):
             assert torch.allclose(p, q, atol=1e-10), (learner.sae.cfg.name, (p - q).abs().max())
+
+
+def test_a_sparse_step_leaves_nothing_behind(monkeypatch):
+    """The step's RowGrads (and the graph and batch-sized tensors around it) die with the step: a gradient that still
+    carried the forward's graph once tied each step's graph into a cycle through autograd that gc cannot see."""
+    made, collector = [], sparse.RowGrads
+    monkeypatch.setattr(sparse, "RowGrads", lambda: made.append(weakref.ref(g := collector())) or g)
+    cfg = TrainConfig(saes=[SAETrainConfig(arch="topk", k=4, d_sae=64)], tokens=40 * 128, batch_size=128)
+    trainer = Trainer(cfg, D_IN)
+    trainer.init(DATA[:128])
+    for i in range(3):
+        trainer.step(DATA[i * 128 : (i + 1) * 128])
+    gc.collect()
+    assert len(made) == 3 and all(ref() is None for ref in made)
 
 
 def test_dead_latents_are_counted_and_feed_auxk():
