@@ -27,7 +27,7 @@ import torch
 
 from nanosae import load_model
 from nanosae.data import token_rows
-from nanosae.features import FeatureConfig, _Pass, _weight_stats, batch_rows, compute_features, sparse_latents
+from nanosae.features import FeatureConfig, _Pass, _weight_stats, batch_rows, compute_features
 from nanosae.hooks import run_with_cache, site_width
 from nanosae.sae import SAE, SAEConfig
 
@@ -102,12 +102,12 @@ def compare(model, tok, sae: SAE, site: str, batches: list[torch.Tensor], cfg: F
             torch.cuda.synchronize(device)
 
     @torch.inference_mode()
-    def baseline() -> float:
+    def baseline(encode) -> float:  # the forward to the site and `encode` of its activations, every batch
         sync()
         t0 = clock()
         for b in batches:
             _, acts = run_with_cache(model, b.to(device), [site], stop_early=True)
-            sae.encode(acts[site].reshape(-1, d_in).float())
+            encode(acts[site].reshape(-1, d_in).float())
         sync()
         return clock() - t0
 
@@ -115,16 +115,6 @@ def compare(model, tok, sae: SAE, site: str, batches: list[torch.Tensor], cfg: F
         sync()
         t0 = clock()
         compute_features(model, tok, sae, batches, cfg, progress=False)
-        sync()
-        return clock() - t0
-
-    @torch.inference_mode()
-    def sparse_baseline() -> float:  # the same, without materializing the dense (N, d_sae) latents
-        sync()
-        t0 = clock()
-        for b in batches:
-            _, acts = run_with_cache(model, b.to(device), [site], stop_early=True)
-            sparse_latents(sae, acts[site].reshape(-1, d_in).float())
         sync()
         return clock() - t0
 
@@ -138,8 +128,8 @@ def compare(model, tok, sae: SAE, site: str, batches: list[torch.Tensor], cfg: F
 
     base, sparse, feat, fixed = math.inf, math.inf, math.inf, math.inf
     for _ in range(repeats):
-        base = min(base, baseline())
-        sparse = min(sparse, sparse_baseline())
+        base = min(base, baseline(sae.encode))
+        sparse = min(sparse, baseline(sae.encode_sparse))  # without the dense (N, d_sae) latents
         feat = min(feat, features())
         fixed = min(fixed, weights())
     return {"base_s": base, "sparse_s": sparse, "pass_s": feat, "weights_s": fixed}

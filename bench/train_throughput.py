@@ -31,7 +31,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nanosae.sae import SAETrainConfig
+from nanosae.sae import SAETrainConfig, training_sae
 from nanosae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, LR = 512, 8192, 32, 4096, 2e-4
@@ -62,35 +62,27 @@ class Synthetic:
 
 
 class DenseTopK:
-    """The plain reference: dense (batch x d_sae) codes times the decoder, autograd, Adam, unit-norm decoder rows."""
+    """The plain reference: the TopK loss as nanosae.sae defines it (TopKSAE.reference_loss: dense (batch x d_sae)
+    latents times the decoder, autograd), torch's Adam, the decoder's gradient projected and its rows renormalised."""
 
     def __init__(self, first: torch.Tensor):
         torch.manual_seed(0)
-        W = torch.randn(D_SAE, D_IN)
-        W /= W.norm(dim=1, keepdim=True)
-        self.W_enc = W.clone().requires_grad_()
-        self.W_dec = W.clone().requires_grad_()
-        self.b_enc = torch.zeros(D_SAE, requires_grad=True)
-        self.b_dec = first.mean(0).requires_grad_()
-        self.opt = torch.optim.Adam([self.W_enc, self.W_dec, self.b_enc, self.b_dec], lr=LR)
-
-    def codes(self, x):
-        pre = (x - self.b_dec) @ self.W_enc.T + self.b_enc
-        vals, idx = pre.topk(K, dim=-1)
-        return torch.zeros_like(pre).scatter(1, idx, F.relu(vals))
+        self.sae = training_sae(SAETrainConfig(arch="topk", d_sae=D_SAE, k=K, lr=LR), D_IN)
+        self.sae.init_from_sample(first)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+        self.dead = torch.zeros(D_SAE, dtype=torch.bool)  # none die in these few steps (nanosae's dead_tokens: 10M)
 
     def step(self, x):
-        x_hat = self.codes(x) @ self.W_dec + self.b_dec
-        (x_hat - x).pow(2).sum(-1).mean().backward()
+        self.sae.reference_loss(x, self.dead).backward()
+        self.sae.project_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        self.sae.normalize_decoder()
 
     @torch.no_grad()
     def reconstruct(self, x):
-        f = self.codes(x)
-        return f @ self.W_dec + self.b_dec, f
+        f = self.sae.encode(x)
+        return f @ self.sae.W_dec + self.sae.b_dec, f
 
 
 def nanosae_trainer(steps: int) -> Trainer:
@@ -240,9 +232,9 @@ def main() -> None:
             step(x)
             if i >= warm:
                 times[name].append(time.perf_counter() - t)
-        gflops.append(encoder_gflops(x, ref.W_enc.detach(), ref.b_enc.detach()))
+        gflops.append(encoder_gflops(x, ref.sae.W_enc.detach().t(), ref.sae.b_enc.detach()))
 
-    sae = trainer.runs[0].sae.to_inference()
+    sae = trainer.learners[0].sae.to_inference()
     with torch.no_grad():
         ours = fvu_l0(lambda c: (sae.decode(f := sae.encode(c)), f), held_out)
     theirs = fvu_l0(ref.reconstruct, held_out)

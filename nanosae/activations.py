@@ -517,10 +517,6 @@ class ActivationStream:
     def state(self) -> dict:
         return {**self._identity, "block": list(self._bid), "offset": self._off}
 
-    @property
-    def buffered_tokens(self) -> int:
-        return 0 if self._block is None else len(self._block)
-
     def _consume(self, n: int, keep: bool) -> list[torch.Tensor]:
         parts = []
         while n > 0:

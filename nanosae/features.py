@@ -245,17 +245,6 @@ class _Pass:
             flat.index_add_(0, b * CORR_GROUP + a % CORR_GROUP, w)
 
 
-def sparse_latents(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, val) of shape (N, L): each token's nonzero latents, zero-padded. TopK SAEs skip the dense latents."""
-    if sae.cfg.architecture == "topk":
-        val, idx = sae.pre_acts(x).topk(sae.cfg.k, dim=-1)
-        return idx, val.relu_()
-    f = sae.encode(x)
-    L = max(1, int((f > 0).sum(-1).max()))
-    val, idx = f.topk(L, dim=-1)
-    return idx, val.clamp_(min=0)
-
-
 def _batches(tokenizer, source, cfg: FeatureConfig, rows: int) -> Iterator[torch.Tensor]:
     from .data import token_rows
 
@@ -307,7 +296,7 @@ def compute_features(
         B, T = tokens.shape
         _, acts = run_with_cache(model, tokens, [site], stop_early=True)
         x = acts[site].reshape(B * T, -1).to(device=device, dtype=torch.float32)
-        idx, val = sparse_latents(sae, x)
+        val, idx = sae.encode_sparse(x)  # (N, L): each token's active latents, zero-padded
         counted = ~special[tokens.reshape(-1).to(device)]
         val[~counted] = 0  # special tokens (BOS) never count, as in SAEDashboard
         acc.update(x, idx, val, counted, T, pos0)

@@ -37,17 +37,6 @@ from .sae import SAE, load_sae
 # ---------------------------------------------------------------------------------------------------- tracking
 
 
-def top_latents(sae: SAE, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, ids) of the n largest latents of each position of x (..., d_in), equal to
-    sae.encode(x).topk(n) without building the dense latent tensor where the architecture allows."""
-    arch = sae.cfg.architecture
-    if arch in ("topk", "standard"):  # relu is monotone, so the top of relu(pre) is relu of the top of pre
-        width = min(n, sae.cfg.k) if arch == "topk" else min(n, sae.cfg.d_sae)
-        vals, ids = sae.pre_acts(x).topk(width, dim=-1)
-        return vals.relu(), ids
-    return sae.encode(x).topk(min(n, sae.cfg.d_sae), dim=-1)
-
-
 @dataclass
 class TokenLatents:
     """The active latents (largest first, zeros dropped) of one position of one batch row."""
@@ -71,7 +60,7 @@ class Tracker:
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.cuda.Event | None]] = []
 
     def hook(self, x: torch.Tensor, start: int) -> None:
-        vals, ids = top_latents(self.sae, x.detach(), self.top_n)
+        vals, ids = self.sae.encode_sparse(x.detach(), self.top_n)
         event = None
         if vals.is_cuda:  # start the copy now, wait for it only in flush()
             vals, ids = vals.to("cpu", non_blocking=True), ids.to("cpu", non_blocking=True)

@@ -21,6 +21,10 @@ Matryoshka (topk, batchtopk): the loss averages the reconstruction error of ever
 target_l0 (standard, april, gated, jumprelu): λ is steered during training until the mean L0 sits at the target,
 so recipes can be compared at matched L0 without a sweep; for the TopK family it sets k.
 
+Two vocabularies, on purpose: `architecture` (SAEConfig, cfg.json) is always one of the four inference forms above,
+`arch` (SAETrainConfig, `--arch`) one of the six training architectures; each training arch saves as one inference
+architecture (TrainingSAE.inference_architecture: batchtopk as jumprelu, april as standard).
+
 Every training SAE sees its inputs scaled by one constant (E|x| = sqrt(d_in) when `normalize`); saving folds the
 constant back (biases and thresholds / c), so the saved SAE reads and writes the model's own activations.
 """
@@ -54,7 +58,7 @@ SAELENS_VERSION = "6.0.0"  # the on-disk format version we write (v6: LLM keys l
 class SAEConfig:
     """What an SAE is and where it reads: the inference architecture, sizes, and the site it was trained on."""
 
-    architecture: str = "topk"
+    architecture: str = "topk"  # the inference form (SAELens' name): standard | topk | jumprelu | gated
     d_in: int = 0
     d_sae: int = 0
     k: int | None = None  # topk only
@@ -64,7 +68,7 @@ class SAEConfig:
     prepend_bos: bool = True
     dataset_path: str = ""
     dtype: str = "float32"
-    training: dict = field(default_factory=dict)  # the training architecture and its recipe, for the record
+    training: dict = field(default_factory=dict)  # the training recipe (its `arch` among them), for the record
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -103,17 +107,32 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents (..., d_sae) of activations (..., d_in)."""
-        arch = self.cfg.architecture
+        architecture = self.cfg.architecture
         pre = self.pre_acts(x)
-        if arch == "standard":
+        if architecture == "standard":
             return F.relu(pre)
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
-        if arch == "jumprelu":
+        if architecture == "topk":
+            return topk_relu(pre, self.cfg.k)
+        if architecture == "jumprelu":
             return F.relu(pre) * (pre > self.threshold)
         mag = (x.to(self.W_enc.dtype) - self.b_dec) @ (self.W_enc * self.r_mag.exp()) + self.b_mag
         return (pre > 0) * F.relu(mag)
+
+    def encode_sparse(self, x: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n largest latents of each position of x (..., d_in), largest first: (values, ids), each (..., n).
+        n=None: as many as can be nonzero (k for topk, else the most that fire on one position of x; at least 1),
+        so every active latent is there and the rest is zero padding. Equal to encode(x).topk(n) (ids of zero values
+        aside); topk, and standard with n given, never build the dense latents."""
+        architecture, d_sae = self.cfg.architecture, self.cfg.d_sae
+        if architecture == "topk" or (architecture == "standard" and n is not None):
+            width = self.cfg.k if architecture == "topk" else d_sae
+            # relu is monotone: the largest relu(pre) are relu of the largest pre
+            vals, ids = self.pre_acts(x).topk(min(n or width, width), dim=-1)
+            return vals.relu_(), ids
+        f = self.encode(x)
+        if n is None:
+            n = max(1, int((f > 0).sum(-1).max()))
+        return f.topk(min(n, d_sae), dim=-1)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -212,27 +231,29 @@ def _site(hook: str) -> str:
 
 def _saelens_tensors(raw: dict, t: dict[str, torch.Tensor], where: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """Map SAELens variants onto our four inference forms (x - b_dec always applied, no rescaling)."""
-    arch = raw.get("architecture", "standard")
-    batchtopk = arch in ("batchtopk", "matryoshka_batchtopk") and "topk_threshold" in t  # a training checkpoint
-    if (arch == "topk" or batchtopk) and raw.get("rescale_acts_by_decoder_norm"):  # top-k of pre*|W_dec|: fold
+    architecture = raw.get("architecture", "standard")
+    batchtopk = architecture in ("batchtopk", "matryoshka_batchtopk") and "topk_threshold" in t  # a training checkpoint
+    if (architecture == "topk" or batchtopk) and raw.get("rescale_acts_by_decoder_norm"):  # top-k of pre*|W_dec|: fold
         n = t["W_dec"].norm(dim=1)
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
     if batchtopk:  # its threshold applies to those (rescaled) activations
         t["threshold"] = t.pop("topk_threshold").reshape(()).expand(t["b_enc"].shape).clone()
-        arch = "jumprelu"
-    if arch not in ARCHITECTURES:
-        raise NanosaeError(f"{where}: SAELens architecture {arch!r} is not supported; use {', '.join(ARCHITECTURES)}")
+        architecture = "jumprelu"
+    if architecture not in ARCHITECTURES:
+        raise NanosaeError(
+            f"{where}: SAELens architecture {architecture!r} is not supported; use {', '.join(ARCHITECTURES)}"
+        )
     norm = raw.get("normalize_activations", "none") or "none"
     if norm != "none":
         raise NanosaeError(f"{where}: normalize_activations={norm!r} is not folded into the weights; save it folded")
     if not raw.get("apply_b_dec_to_input", True) and "b_dec" in t and "W_enc" in t:  # pre = x W_enc + b: shift b
         shift = t["b_dec"] @ t["W_enc"]
-        if arch == "gated":
+        if architecture == "gated":
             t["b_gate"] = t["b_gate"] + shift
             t["b_mag"] = t["b_mag"] + shift * t["r_mag"].exp()
         else:
             t["b_enc"] = t["b_enc"] + shift
-    return arch, t
+    return architecture, t
 
 
 def _sparsify_hook(folder_name: str) -> str:
@@ -260,12 +281,12 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     if (path / "sae.safetensors").is_file() and not (path / "sae_weights.safetensors").is_file():
         return _load_sparsify(path, raw, device)
     meta = raw.get("metadata", {}) or {}
-    arch, tensors = _saelens_tensors(raw, _read_tensors(path / "sae_weights.safetensors"), path)
+    architecture, tensors = _saelens_tensors(raw, _read_tensors(path / "sae_weights.safetensors"), path)
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(
-        architecture=arch,
+        architecture=architecture,
         **{k: raw[k] for k in ("d_in", "d_sae", "dtype") if k in raw and k in known},
-        k=raw.get("k") if arch == "topk" else None,
+        k=raw.get("k") if architecture == "topk" else None,
         hook_name=_site(meta.get("nanosae_site") or meta.get("hook_name") or raw.get("hook_name") or ""),
         model_name=meta.get("model_name", raw.get("model_name", "")) or "",
         context_size=meta.get("context_size", raw.get("context_size", 0)) or 0,
@@ -315,7 +336,7 @@ def _from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path,
 class SAETrainConfig:
     """One SAE's training recipe. None picks the architecture's default (the `defaults` of its class)."""
 
-    arch: str = "topk"  # standard | april | topk | batchtopk | gated | jumprelu
+    arch: str = "topk"  # the training architecture: standard | april | topk | batchtopk | gated | jumprelu
     expansion: int = 16  # d_sae = expansion * d_in, unless d_sae is given
     d_sae: int = 0
     k: int = 32  # topk, batchtopk: active latents per token (batchtopk: on average over the batch)
@@ -371,6 +392,12 @@ class SAETrainConfig:
         return c
 
 
+def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """relu(topk_k(pre)) as dense latents: each row's k largest pre-activations through a ReLU, every other one 0."""
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+
 def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7, chunk: int = 1024) -> torch.Tensor:
     """The point minimising the summed distance to the rows of x (Weiszfeld's iteration, in float64; chunks of
     rows keep the float64 copies small, as this runs next to the training state)."""
@@ -403,7 +430,7 @@ class TrainingSAE(nn.Module):
     """What every architecture shares: parameters, init, decoder constraint, resampling and the save-time
     conversion. A subclass holds one architecture's math: `loss` (and `encode`, `inference_tensors`)."""
 
-    inference_arch = "standard"
+    inference_architecture = "standard"
     unit_norm = True  # decoder rows kept at norm 1 with the parallel gradient removed (standards.md 4)
     decoder_init_norm = 1.0
     defaults: dict = {}
@@ -424,14 +451,8 @@ class TrainingSAE(nn.Module):
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae)))
         self.register_buffer("input_scale", torch.tensor(1.0))  # c: the SAE sees c * x
         self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c x - E[c x]|^2 of the init sample
-        self.register_buffer("coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (moves with target_l0)
+        self.register_buffer("sparsity_coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (target_l0 moves it)
         self.world = 1  # data-parallel ranks sharing each batch (the trainer sets it under DDP)
-
-    def world_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over the data-parallel ranks, in place."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
 
     def world_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t, concatenated in rank order."""
@@ -453,16 +474,19 @@ class TrainingSAE(nn.Module):
             self.b_dec.copy_(xs.mean(0))
         self.mse_scale.fill_(torch.var(xs, dim=0, correction=0).sum().clamp_min(1e-12))
 
-    def pre(self, xs: torch.Tensor) -> torch.Tensor:
+    def pre_acts(self, xs: torch.Tensor) -> torch.Tensor:
         return (xs - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, xs: torch.Tensor) -> torch.Tensor:
         """Dense latents of scaled inputs (for resampling and checks; training uses `loss`)."""
         raise NotImplementedError
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor, coeff: float) -> LossOut:
-        """Loss on a batch of model activations x (n, d_in); `dead` (d_sae,) marks dead latents, `coeff` in [0, 1]
-        is the sparsity-coefficient warm-up."""
+    def loss(
+        self, x: torch.Tensor, dead: torch.Tensor, sparsity_warmup: float, row_grads: sparse.RowGrads | None = None
+    ) -> LossOut:
+        """Loss on a batch of model activations x (n, d_in); `dead` (d_sae,) marks dead latents, `sparsity_warmup`
+        in [0, 1] scales λ while it warms up. The TopK family's backward leaves W_enc's and W_dec's gradients in
+        `row_grads` instead of .grad when one is given (nanosae.sparse.RowGrads); the others ignore it."""
         raise NotImplementedError
 
     def _out(self, loss, sse, fired, aux, **extra) -> LossOut:
@@ -485,14 +509,14 @@ class TrainingSAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def after_step(self, extra: dict[str, torch.Tensor], world_size: int, l0: float, lr: float) -> None:
+    def after_step(self, extra: dict[str, torch.Tensor], l0: float, lr: float) -> None:
         """Update non-gradient state from the (all-ranks summed) extras of the step's LossOut, the global batch's mean
         L0 and the step's LR. With target_l0, λ is steered multiplicatively (an integral controller on log L0): it
         grows while L0 is above the target and shrinks while below."""
         target = self.cfg.target_l0
         if target and self.cfg.arch not in ("topk", "batchtopk"):
             err = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / target)))
-            self.coeff.mul_(math.exp(L0_GAIN * lr * err))
+            self.sparsity_coeff.mul_(math.exp(L0_GAIN * lr * err))
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
@@ -533,11 +557,11 @@ class TrainingSAE(nn.Module):
                 tensors[name] = tensors[name] / c
         training = {
             **dataclasses.asdict(self.cfg),
-            "final_sparsity_coeff": self.coeff.item(),
+            "final_sparsity_coeff": self.sparsity_coeff.item(),
             **meta.pop("training", {}),
         }
-        k = self.cfg.k if self.inference_arch == "topk" else None
-        cfg = SAEConfig(self.inference_arch, self.d_in, self.d_sae, k=k, training=training, **meta)
+        k = self.cfg.k if self.inference_architecture == "topk" else None
+        cfg = SAEConfig(self.inference_architecture, self.d_in, self.d_sae, k=k, training=training, **meta)
         sae = SAE(cfg).to(self.W_dec.device)
         sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
         return sae
@@ -550,17 +574,17 @@ class StandardSAE(TrainingSAE):
     defaults = {"sparsity_coeff": 5.0, "resample": True, "grad_clip": 0.0, "beta1": 0.9, "normalize": True}
 
     def encode(self, xs):
-        return F.relu(self.pre(xs))
+        return F.relu(self.pre_acts(xs))
 
     def penalty(self, f: torch.Tensor) -> torch.Tensor:
         return f.sum(-1)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
         xs = x * self.input_scale
         f = self.encode(xs)
         err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
         sparsity = self.penalty(f)
-        loss = (err + coeff * self.coeff * sparsity).mean()
+        loss = (err + sparsity_warmup * self.sparsity_coeff * sparsity).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
 
 
@@ -572,7 +596,7 @@ class AprilSAE(StandardSAE):
     decoder_init_norm = 0.1
     defaults = {"sparsity_coeff": 5.0, "resample": False, "grad_clip": 1.0, "beta1": 0.9, "normalize": True}
 
-    def pre(self, xs):
+    def pre_acts(self, xs):
         return xs @ self.W_enc + self.b_enc
 
     def penalty(self, f):
@@ -585,15 +609,33 @@ class AprilSAE(StandardSAE):
 class TopKSAE(TrainingSAE):
     """OpenAI TopK: f = relu(topk_k((x - b_dec) W_enc + b_enc)), L = |x - x_hat|^2 / mse_scale + α AuxK, where
     AuxK = |e - e_hat|^2 / |e - mean e|^2 makes the k_aux most active dead latents reconstruct the residual
-    e = x - x_hat (e_hat = their decode, no bias). The decode and all gradients are sparse (nanosae.sparse).
-    Matryoshka: L averages |x - x_hat_g|^2 over the reconstructions x_hat_g from each nested prefix of latents."""
+    e = x - x_hat (e_hat = their decode, no bias). Matryoshka: L averages |x - x_hat_g|^2 over the reconstructions
+    x_hat_g from each nested prefix of latents. `reference_loss` is this definition in plain dense PyTorch; `loss`
+    computes the same with a sparse decode and sparse gradients (nanosae.sparse)."""
 
-    inference_arch = "topk"
+    inference_architecture = "topk"
     defaults = {"resample": False, "grad_clip": 0.0, "beta1": 0.9, "sparsity_coeff": 0.0, "normalize": False}
 
+    def reference_loss(self, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """The definition of `loss`, written out densely: (batch x d_sae) latents, plain matmuls and autograd. `loss`
+        computes the same without the dense latents (tests hold the two to the same loss, gradients and Adam step).
+        Slow and memory-hungry: it is for reading, for tests and for the throughput benchmark's reference."""
+        xs = x * self.input_scale if self.cfg.normalize else x
+        f = self.encode(xs)  # relu(topk_k(pre)), every other latent 0
+        widths = (*self.cfg.matryoshka, self.d_sae)  # matryoshka: each nested prefix of latents reconstructs x alone
+        errs = [xs - (f[:, :m] @ self.W_dec[:m] + self.b_dec) for m in widths]  # e = x - x_hat
+        mse = sum(e.pow(2).sum() for e in errs) / (len(errs) * len(x) * self.mse_scale)
+        k_aux = min(self.cfg.k_aux, int(dead.sum()))
+        if not k_aux:
+            return mse
+        # AuxK: the k_aux most active dead latents reconstruct the main error (without b_dec); a constant target
+        e = errs[-1].detach()
+        e_hat = topk_relu(self.pre_acts(xs).masked_fill(~dead, -math.inf), k_aux) @ self.W_dec
+        aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        return mse + self.cfg.aux_coeff * aux
+
     def encode(self, xs):
-        vals, idx = self.pre(xs).topk(self.cfg.k, dim=-1)
-        return torch.zeros(xs.shape[0], self.d_sae, device=xs.device).scatter_(-1, idx, F.relu(vals))
+        return topk_relu(self.pre_acts(xs), self.cfg.k)
 
     def select(self, xs: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
         """(codes, pre-activation values, aux codes, aux values) of scaled inputs xs."""
@@ -602,39 +644,44 @@ class TopKSAE(TrainingSAE):
         aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
         return (sparse.topk_codes(idx, self.d_sae), vals.reshape(-1), *aux)
 
-    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor) -> list[torch.Tensor]:
-        """x_hat - x from each nested prefix of latents (just the full SAE without matryoshka)."""
-        if not self.cfg.matryoshka:  # in place: one (n, d_in) tensor
-            return [sparse.decode(codes, vals, self.W_dec).sub_(xs).add_(self.b_dec)]
-        shift = self.b_dec - xs
+    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor, row_grads=None) -> list[torch.Tensor]:
+        """The errors e = x - x_hat of each nested prefix of latents (just the full SAE without matryoshka). The
+        decode of -vals is b_dec - x_hat, so e builds up in the decode's own (n, d_in) memory; only small tensors
+        are negated (-b_dec: adding it needs no negated copy of the (n, d_in) gradient in the backward)."""
+        neg_vals, neg_b_dec = -vals, -self.b_dec
+        if not self.cfg.matryoshka:
+            return [sparse.decode(codes, neg_vals, self.W_dec, row_grads).add_(xs).add_(neg_b_dec)]
+        shift = xs + neg_b_dec
         bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
         group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
         out, partial = [], 0
         for g in range(len(self.cfg.matryoshka) + 1):
             keep = group == g
-            partial = partial + sparse.decode(codes.subset(keep), vals[keep], self.W_dec)
+            partial = partial + sparse.decode(codes.subset(keep), neg_vals[keep], self.W_dec, row_grads)
             out.append(partial + shift)
         return out
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
         xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
+        # which latents fire (no gradient flows through the choice), then their values with sparse gradients
         codes, pre_vals, aux_codes, aux_pre = self.select(xs, dead_idx, k_aux)
-        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals))
-        errs = self.errors(codes, vals, xs)
-        r = errs[-1].detach()  # x_hat - x; read only in this forward (the backward overwrites it)
+        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals, row_grads))
+        errs = self.errors(codes, vals, xs, row_grads)
+        e = errs[-1].detach()  # x - x_hat; read only in this forward (the backward overwrites it)
         aux = x.new_zeros(())
-        if k_aux:
-            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre))
-            e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec)
-            # |e - mean e|^2 over the global batch, so data-parallel ranks average to the one-process loss
-            m = self.world_sum(torch.cat([r.sum(0), r.pow(2).sum().view(1), r.new_tensor([len(r)])]))
+        if k_aux:  # AuxK
+            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads))
+            e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec, row_grads)
+            m = torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])])
+            if self.world > 1:  # |e - mean e|^2 over the global batch: ranks average to the one-process loss
+                dist.all_reduce(m)
             var = (m[-2] - m[:-2].pow(2).sum() / m[-1]).clamp_min(1e-12)
-            aux = (e_hat + r).pow(2).sum() / var * (m[-1] / len(r))  # e - e_hat with e = x - x_hat = -r
-        fired = torch.zeros(self.d_sae, device=x.device).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
+            aux = (e - e_hat).pow(2).sum() / var * (m[-1] / len(e))
+        fired = vals.new_zeros(self.d_sae).index_add_(0, codes.cols, (vals > 0).to(vals.dtype))
         extra = self._extra(vals)
-        sses = [sparse.squared_error(e) for e in errs]
+        sses = [sparse.squared_error(err) for err in errs]
         loss = sum(sses) / (len(sses) * len(x) * self.mse_scale) + self.cfg.aux_coeff * aux
         return self._out(loss, sses[-1], fired, aux, **extra)
 
@@ -647,7 +694,7 @@ class BatchTopKSAE(TopKSAE):
     global batch). Inference uses a threshold θ instead, the EMA of the smallest kept value per batch, so it is
     saved as a JumpReLU SAE."""
 
-    inference_arch = "jumprelu"
+    inference_architecture = "jumprelu"
 
     def __init__(self, cfg, d_in):
         super().__init__(cfg, d_in)
@@ -655,7 +702,7 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold_updates", torch.tensor(0))
 
     def encode(self, xs):
-        pre = F.relu(self.pre(xs))
+        pre = F.relu(self.pre_acts(xs))
         flat = pre.flatten()
         keep = torch.zeros_like(flat).scatter_(0, flat.topk(min(self.cfg.k * xs.shape[0], flat.numel())).indices, 1)
         return pre * keep.view_as(pre)
@@ -684,8 +731,8 @@ class BatchTopKSAE(TopKSAE):
         return {"min_kept": smallest if smallest.isfinite() else vals.new_zeros(())}
 
     @torch.no_grad()
-    def after_step(self, extra, world_size, l0, lr):
-        batch_min = extra["min_kept"].float() / world_size  # every rank reported the same value; stats summed it
+    def after_step(self, extra, l0, lr):
+        batch_min = extra["min_kept"].to(self.threshold) / self.world  # each rank's value, summed over the ranks
         # a plain running mean until it would move slower than the EMA, so the start does not linger
         self.threshold_updates += 1
         self.threshold.lerp_(batch_min, max(self.cfg.threshold_rate, 1 / self.threshold_updates.item()))
@@ -700,7 +747,7 @@ class GatedSAE(TrainingSAE):
     L = |x - x_hat|^2 + λ |relu(π_gate)|_1 + |x - (relu(π_gate) W_dec.detach() + b_dec.detach())|^2; the last
     (auxiliary) term reconstructs through the gate with a frozen decoder so the gate path gets a gradient."""
 
-    inference_arch = "gated"
+    inference_architecture = "gated"
     enc_biases = ("b_gate", "b_mag", "r_mag")
     defaults = {"sparsity_coeff": 5.0, "resample": True, "grad_clip": 0.0, "beta1": 0.9, "normalize": True}
 
@@ -712,7 +759,7 @@ class GatedSAE(TrainingSAE):
         gate, mag = self._paths(xs)
         return (gate > 0) * F.relu(mag)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
         xs = x * self.input_scale
         gate, mag = self._paths(xs)
         f = (gate > 0) * F.relu(mag)
@@ -720,7 +767,7 @@ class GatedSAE(TrainingSAE):
         gate_act = F.relu(gate)
         sparsity = gate_act.sum(-1)
         aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - xs).pow(2).sum(-1)
-        loss = (err + coeff * self.coeff * sparsity + aux).mean()
+        loss = (err + sparsity_warmup * self.sparsity_coeff * sparsity + aux).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
 
     def inference_tensors(self):
@@ -778,7 +825,7 @@ class JumpReLUSAE(TrainingSAE):
     Anthropic's 2025 settings for inputs at E|x| = √d: ε = 2, θ0 = 0.1, gradients to z. θ moves by about one LR per
     step, so with target_l0 it starts where the initial encoder fires target_l0 latents per token."""
 
-    inference_arch = "jumprelu"
+    inference_architecture = "jumprelu"
     defaults = {"sparsity_coeff": 1.0, "resample": True, "grad_clip": 0.0, "beta1": 0.0, "normalize": True}
 
     def __init__(self, cfg, d_in):
@@ -791,28 +838,28 @@ class JumpReLUSAE(TrainingSAE):
     def init_from_sample(self, x):
         super().init_from_sample(x)
         if self.cfg.init_threshold is None and self.cfg.target_l0:  # θ where the initial encoder fires target_l0
-            z = self.pre(x * self.input_scale).flatten()
+            z = self.pre_acts(x * self.input_scale).flatten()
             self.threshold.fill_(z.topk(max(1, round(self.cfg.target_l0 * len(x)))).values[-1].clamp_min(0).item())
 
     def latent_params(self):
         return super().latent_params() + [(self.threshold, 0)]
 
     def encode(self, xs):
-        z = self.pre(xs)
+        z = self.pre_acts(xs)
         return z * (z > self.threshold)
 
     @torch.no_grad()
-    def after_step(self, extra, world_size, l0, lr):
-        super().after_step(extra, world_size, l0, lr)
+    def after_step(self, extra, l0, lr):
+        super().after_step(extra, l0, lr)
         self.threshold.clamp_(min=0.0)
 
-    def loss(self, x, dead, coeff):
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
         xs = x * self.input_scale
-        z = self.pre(xs)
+        z = self.pre_acts(xs)
         f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)
         err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
         l0 = _Step.apply(z, self.threshold, self.cfg.bandwidth).sum(-1)
-        loss = (err + coeff * self.coeff * l0).mean()
+        loss = (err + sparsity_warmup * self.sparsity_coeff * l0).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), l0.mean())
 
     def inference_tensors(self):

@@ -12,12 +12,14 @@ gradients). The only dense work is the encoder matmul that picks the entries; no
 
 A weight gradient S^T D (S sparse, D dense) is, row by row, a sum of D's token rows over each latent's entries:
 an embedding_bag over the entries in latent order (3-4x faster on CPU than torch.sparse.mm on COO). It is a
-RowGrad, materialised whole, or (when the parameter carries a `row_grads` list) handed over unevaluated so that the
-optimizer can build it a block of latents at a time and never hold a dense gradient (nanosae.train).
+RowGrad: autograd gets it materialised whole in W_enc.grad / W_dec.grad as usual, unless the caller passes a
+RowGrads collector to `gather` and `decode`; then the backward appends it there unevaluated (the .grad stays None)
+and the optimizer builds it a block of latents at a time, never holding a dense gradient (nanosae.train.adam_rows).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -25,31 +27,17 @@ import torch.nn.functional as F
 
 
 class Codes(NamedTuple):
-    index: torch.Tensor  # (2, nnz) int32: latent and token of each entry, tokens non-decreasing
+    cols: torch.Tensor  # (nnz,) int32: the latent of each entry
+    rows: torch.Tensor  # (nnz,) int32: the token of each entry, non-decreasing
     offsets: torch.Tensor  # (n,) index of each token's first entry
     perm: torch.Tensor  # (nnz,) the entries in latent order
     latent_offsets: torch.Tensor  # (d_sae + 1,) where each latent's entries start in that order, then nnz
     latent_tokens: torch.Tensor  # (nnz,) the entries' tokens in that order
-
-    @property
-    def cols(self) -> torch.Tensor:
-        return self.index[0]
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self.index[1]
-
-    @property
-    def n(self) -> int:
-        return self.offsets.numel()
-
-    @property
-    def d_sae(self) -> int:
-        return self.latent_offsets.numel() - 1
+    d_sae: int
 
     def subset(self, keep: torch.Tensor) -> Codes:
         """The entries where `keep` (nnz,) is true; every token keeps its (possibly empty) place."""
-        return _codes(self.cols[keep], self.rows[keep], self.n, self.d_sae)
+        return _codes(self.cols[keep], self.rows[keep], self.offsets.numel(), self.d_sae)
 
 
 def _codes(cols: torch.Tensor, rows: torch.Tensor, n: int, d_sae: int) -> Codes:
@@ -58,9 +46,8 @@ def _codes(cols: torch.Tensor, rows: torch.Tensor, n: int, d_sae: int) -> Codes:
     counts = torch.bincount(rows, minlength=n).int()
     latent_offsets = F.pad(torch.bincount(cols, minlength=d_sae).cumsum(0, dtype=torch.int32), (1, 0))
     perm = torch.argsort(cols, stable=True).int()
-    return Codes(
-        torch.stack([cols, rows]), counts.cumsum(0, dtype=torch.int32) - counts, perm, latent_offsets, rows[perm]
-    )
+    offsets = counts.cumsum(0, dtype=torch.int32) - counts
+    return Codes(cols, rows, offsets, perm, latent_offsets, rows[perm], d_sae)
 
 
 def topk_codes(idx: torch.Tensor, d_sae: int) -> Codes:
@@ -132,21 +119,10 @@ class RowGrad(NamedTuple):
     scale: torch.Tensor | None = None  # (d_sae,)
     shift: torch.Tensor | None = None  # (d,)
 
-    @classmethod
-    def of(cls, codes: Codes, weights: torch.Tensor, dense: torch.Tensor, scale=None, shift=None) -> RowGrad:
-        """weights (nnz,) in entry order."""
-        return cls(codes, weights[codes.perm], dense, scale, shift)
-
     def rows(self, lo: int, hi: int, start: int, end: int) -> torch.Tensor:
         """Rows lo..hi; start, end = latent_offsets[lo], latent_offsets[hi] (host integers, read once by the caller)."""
-        offsets = self.codes.latent_offsets[lo:hi] - start
-        out = F.embedding_bag(
-            self.codes.latent_tokens[start:end],
-            self.dense,
-            offsets,
-            mode="sum",
-            per_sample_weights=self.weights[start:end],
-        )
+        offsets, tokens = self.codes.latent_offsets[lo:hi] - start, self.codes.latent_tokens[start:end]
+        out = F.embedding_bag(tokens, self.dense, offsets, mode="sum", per_sample_weights=self.weights[start:end])
         if self.scale is not None:
             out.addr_(self.scale[lo:hi], self.shift, alpha=-1)
         return out
@@ -155,21 +131,21 @@ class RowGrad(NamedTuple):
         return self.rows(0, self.codes.d_sae, 0, self.codes.perm.numel())
 
 
-def _deliver(param: torch.Tensor, grad: RowGrad, transpose: bool) -> torch.Tensor | None:
-    """The gradient for autograd, or None after handing it to the parameter's `row_grads` list (the fused update)."""
-    sink = getattr(param, "row_grads", None)
-    if sink is not None:
-        sink.append(grad)
-        return None
-    full = grad.full()
-    return full.t() if transpose else full
+@dataclass
+class RowGrads:
+    """A step's collector of weight gradients: the backward of `gather` and `decode` appends each term of W_enc's and
+    W_dec's gradients here, unevaluated and one row per latent (W_enc's transposed), instead of writing W_enc.grad
+    and W_dec.grad. nanosae.train hands it to adam_rows (the TopK family's update on one CPU process)."""
+
+    W_enc: list[RowGrad] = field(default_factory=list)
+    W_dec: list[RowGrad] = field(default_factory=list)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, pre_vals, codes):
+    def forward(ctx, x, b_dec, W_enc, b_enc, pre_vals, codes, row_grads):
         ctx.save_for_backward(x, b_dec, W_enc)
-        ctx.codes, ctx.W_enc = codes, W_enc
+        ctx.codes, ctx.row_grads = codes, row_grads
         return pre_vals.clone()
 
     @staticmethod
@@ -180,9 +156,13 @@ class _Gather(torch.autograd.Function):
         db_enc = torch.zeros(codes.d_sae, dtype=g.dtype, device=g.device).index_add_(0, codes.cols, g)
         dW = None
         if ctx.needs_input_grad[2]:  # (x - b_dec)^T G without an (n, d_in) copy of x - b_dec
-            dW = _deliver(ctx.W_enc, RowGrad.of(codes, g, x, db_enc, b_dec.detach().clone()), transpose=True)
+            grad = RowGrad(codes, g[codes.perm], x, db_enc, b_dec.detach().clone())
+            if ctx.row_grads is None:
+                dW = grad.full().t()
+            else:
+                ctx.row_grads.W_enc.append(grad)
         db_dec = -(W_enc.detach() @ db_enc) if ctx.needs_input_grad[1] else None
-        return None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None, None, None
+        return None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None, None, None, None
 
 
 def gather(
@@ -192,17 +172,19 @@ def gather(
     b_enc: torch.Tensor,
     codes: Codes,
     pre_vals: torch.Tensor,
+    row_grads: RowGrads | None = None,
 ) -> torch.Tensor:
     """The pre-activations (x - b_dec) W_enc + b_enc at the code entries, already computed as `pre_vals` (nnz,) by
-    the selection. The result carries sparse gradients to W_enc, b_enc and b_dec (x is data and gets none)."""
-    return _Gather.apply(x, b_dec, W_enc, b_enc, pre_vals, codes)
+    the selection. The result carries sparse gradients to W_enc, b_enc and b_dec (x is data and gets none); W_enc's
+    goes to row_grads.W_enc instead of W_enc.grad when a collector is given."""
+    return _Gather.apply(x, b_dec, W_enc, b_enc, pre_vals, codes, row_grads)
 
 
 class _Decode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, vals, W_dec, codes):
+    def forward(ctx, vals, W_dec, codes, row_grads):
         ctx.save_for_backward(vals, W_dec)
-        ctx.codes, ctx.W_dec = codes, W_dec
+        ctx.codes, ctx.row_grads = codes, row_grads
         return F.embedding_bag(codes.cols, W_dec, codes.offsets, mode="sum", per_sample_weights=vals)
 
     @staticmethod
@@ -216,13 +198,18 @@ class _Decode(torch.autograd.Function):
                 dout, W_dec, codes.cols, codes.offsets, codes.rows, 0
             )
         if ctx.needs_input_grad[1]:
-            dW = _deliver(ctx.W_dec, RowGrad.of(codes, vals.detach(), dout), transpose=False)
-        return dvals, dW, None
+            grad = RowGrad(codes, vals.detach()[codes.perm], dout)
+            if ctx.row_grads is None:
+                dW = grad.full()
+            else:
+                ctx.row_grads.W_dec.append(grad)
+        return dvals, dW, None, None
 
 
-def decode(codes: Codes, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """sum_e vals_e W_dec[lat_e] per token: (n, d_in), no bias."""
-    return _Decode.apply(vals, W_dec, codes)
+def decode(codes: Codes, vals: torch.Tensor, W_dec: torch.Tensor, row_grads: RowGrads | None = None) -> torch.Tensor:
+    """sum_e vals_e W_dec[lat_e] per token: (n, d_in), no bias. W_dec's gradient goes to row_grads.W_dec instead of
+    W_dec.grad when a collector is given."""
+    return _Decode.apply(vals, W_dec, codes, row_grads)
 
 
 class _SquaredError(torch.autograd.Function):
@@ -238,9 +225,7 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (e,) = ctx.saved_tensors
-        return e.mul_(2 * g)
+        return e.detach().mul_(2 * g)  # detached: a gradient that carried e's graph would keep that graph alive
 
 
-def squared_error(e: torch.Tensor) -> torch.Tensor:
-    """sum |e|^2; e is overwritten by the backward."""
-    return _SquaredError.apply(e)
+squared_error = _SquaredError.apply  # sum |e|^2 of e (overwritten by the backward)

@@ -5,12 +5,13 @@ that resume bitwise; Ctrl-C and NaN/Inf handling; data-parallel training under t
 One step, for every SAE: loss on this rank's share of the batch -> backward -> (several ranks: all-reduce the
 gradients and the step's statistics) -> project decoder gradients -> clip -> Adam -> renormalise the decoder ->
 update dead counters, firing density, thresholds, λ -> maybe resample, log, checkpoint, evaluate. In one CPU process
-the TopK family's two weight matrices skip the dense gradient: projection, Adam and renorm run a block of latents
-at a time on gradients the backward left unevaluated (_adam_rows, nanosae.sparse.RowGrad).
+the TopK family's two weight matrices skip the dense gradient: the backward leaves it unevaluated in a
+nanosae.sparse.RowGrads that the step hands to adam_rows, which projects, updates and renormalises a block of
+latents at a time.
 
 An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
-(nanosae.activations.model_stream / cache_stream, or TensorStream below for activations already in memory).
+(nanosae.activations.model_stream / cache_stream).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from . import sparse
 from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text, remove_leftovers, verify_sha256
-from .sae import SAE, SAETrainConfig, TrainingSAE, training_sae
+from .sae import SAE, LossOut, SAETrainConfig, TrainingSAE, training_sae
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -84,56 +86,6 @@ class TrainConfig:
         return cls(**d)
 
 
-class TensorStream:
-    """An activation stream over a tensor in memory (n, d_in): seeded shuffled epochs (the tail that does not
-    fill a batch is skipped); rank r gets rows [r*b, (r+1)*b) of each global batch (b = batch_size // world)."""
-
-    def __init__(
-        self,
-        data: torch.Tensor,
-        batch_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        state: dict | None = None,
-        site: str = "",
-        model_name: str = "",
-        context_size: int = 0,
-        dataset: str = "",
-    ):
-        if batch_size % world_size:
-            raise NanosaeError(f"batch size {batch_size} does not split over {world_size} ranks; use a multiple")
-        if data.ndim != 2 or data.shape[0] < batch_size:
-            raise NanosaeError(f"need a (n >= {batch_size}, d_in) tensor of activations, got {tuple(data.shape)}")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.rank, self.local = rank, batch_size // world_size
-        self.d_in, self.site, self.model_name, self.context_size, self.dataset = (
-            data.shape[1],
-            site,
-            model_name,
-            context_size,
-            dataset,
-        )
-        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
-        self._perm = None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def __iter__(self) -> TensorStream:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        n = self.data.shape[0]
-        if self.pos + self.batch_size > n:
-            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
-        if self._perm is None:
-            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        start = self.pos + self.rank * self.local
-        self.pos += self.batch_size
-        return self.data[self._perm[start : start + self.local]].float()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops on one process)
 
@@ -182,22 +134,20 @@ class NonFiniteLoss(NanosaeError):
     """A loss became NaN or Inf; train() adds where the last good checkpoint is."""
 
 
-class _Run:
-    """One SAE with its optimizer and bookkeeping (all of it saved in checkpoints)."""
+class _Learner:
+    """One SAE of a run with its optimizer and bookkeeping (all of it saved in checkpoints)."""
 
     def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
         sae.world = world  # its collectives (AuxK's variance, BatchTopK's cutoff) span the ranks
-        c = sae.cfg
-        # the TopK family's weight gradients reach Adam a block of latents at a time (_adam_rows), never as a dense
-        # tensor; a gradient all-reduce or a global clip needs them whole, so those runs take the plain path. It pays
-        # on CPUs (cache and memory); a GPU does better with one fused Adam over the whole weight than with a launch
-        # per block
-        rows = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and sae.W_dec.device.type == "cpu"
-        self.row_params = [(sae.W_enc, True), (sae.W_dec, False)] if rows else []
-        fused = {"fused": True} if sae.W_dec.device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **fused)
-        dev = sae.W_dec.device
+        c, dev = sae.cfg, sae.W_dec.device
+        # sparse_update: the TopK family's W_enc and W_dec get their gradients from a RowGrads collector and Adam
+        # applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient all-reduce or a
+        # global clip needs them whole, so those SAEs take the plain path. It pays on CPUs (cache and memory); a GPU
+        # does better with one fused Adam over the whole weight than with a launch per block
+        self.sparse_update = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and dev.type == "cpu"
+        adam_kw = {"fused": True} if dev.type in ("cpu", "cuda") else {}
+        self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **adam_kw)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired
         self.density = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)  # EMA of the firing frequency
         self.recent = torch.full((sae.d_sae,), -1.0, dtype=torch.float64, device=dev)  # the same over dead_tokens
@@ -226,7 +176,8 @@ class _Run:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        self.sae.load_state_dict(d["sae"])
+        sae = {("sparsity_coeff" if k == "coeff" else k): v for k, v in d["sae"].items()}  # older checkpoints: "coeff"
+        self.sae.load_state_dict(sae)
         self.opt.load_state_dict(d["optimizer"])
         self.since_fired.copy_(d["since_fired"])
         self.density.copy_(d["density"])
@@ -234,42 +185,38 @@ class _Run:
         self.sums = dict(d["sums"])
 
     @torch.no_grad()
-    def update(self, r: dict, lr_factor: float, n: float, var: float, world: int) -> None:
-        """Everything after the gradients are in: project, clip, Adam, renormalise, counters (n tokens in the
-        global batch, var = their summed squared distance to the batch mean, for the FVU)."""
+    def optimize(self, lr_factor: float, row_grads: sparse.RowGrads | None) -> None:
+        """Apply the step's gradients: project the decoder's, clip, Adam, renormalise the decoder. With row_grads
+        (sparse_update), W_enc and W_dec have no .grad: adam_rows applies theirs, projection and renorm included."""
         sae, c = self.sae, self.sae.cfg
-        for p in sae.parameters():  # fused Adam (torch 2.13, CPU) silently misreads a grad laid out unlike its param
-            if p.grad is not None and p.grad.stride() != p.stride():
-                p.grad = torch.empty_like(p).copy_(p.grad)
         sae.project_grads()
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = c.lr * lr_factor
-        self.opt.step()  # the parameters with a dense gradient (all but row_params)
-        for p, transposed in self.row_params:
-            grads, p.row_grads = p.row_grads, None
-            _adam_rows(p, transposed, grads, self.opt, unit_norm=sae.unit_norm and p is sae.W_dec)
-        self.opt.zero_grad(set_to_none=True)
-        if not self.row_params:
+        self.opt.step()  # every parameter with a .grad
+        if row_grads is None:
             sae.normalize_decoder()
+        else:
+            adam_rows(sae.W_enc, row_grads.W_enc, self.opt, transposed=True, unit_norm=False)
+            adam_rows(sae.W_dec, row_grads.W_dec, self.opt, transposed=False, unit_norm=sae.unit_norm)
+        self.opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def record(self, r: dict, lr_factor: float, n: float, var: float) -> None:
+        """After the update: the SAE's own state (thresholds, λ), dead counters, firing densities, metric sums (n
+        tokens in the global batch, var = their summed squared distance to the batch mean, for the FVU)."""
         fired = r["fired"].sum().item()  # latent firings in the global batch (mean L0 = fired / n)
-        sae.after_step(r["extra"], world, fired / n, c.lr * lr_factor)
+        self.sae.after_step(r["extra"], fired / n, self.sae.cfg.lr * lr_factor)
         self.since_fired += int(n)
         self.since_fired[r["fired"] > 0] = 0
         rate = min(1.0, n / self.density_tokens)
         self.density.mul_(1 - rate).add_(r["fired"].to(self.density) / n, alpha=rate)
         first = self.recent[0] < 0  # the first batch starts the average
         self.recent.lerp_(r["fired"].to(self.recent) / n, 1.0 if first else min(1.0, n / self.dead_tokens))
-        for k, v in (
-            ("loss", r["loss"] / world),
-            ("sse", r["sse"]),
-            ("l0", fired),
-            ("aux", r["aux"] / world),
-            ("tokens", n),
-            ("var", var),
-            ("steps", 1),
-        ):
+        w = self.sae.world  # every rank reported its loss and aux; the sum over ranks is w times the mean
+        step = {"loss": r["loss"] / w, "sse": r["sse"], "l0": fired, "aux": r["aux"] / w, "tokens": n, "var": var}
+        for k, v in {**step, "steps": 1}.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
     def flush(self) -> dict[str, float]:
@@ -286,13 +233,14 @@ class _Run:
 
 
 @torch.no_grad()
-def _adam_rows(
-    p: torch.Tensor, transposed: bool, grads: list, opt: torch.optim.Adam, unit_norm: bool, block: int = 256
-) -> None:
-    """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient arrives as
-    nanosae.sparse.RowGrads, evaluated a block of latents at a time: the dense gradient never exists, and each block
-    is still in cache for the update. With unit_norm, each row's gradient loses its component along the row first
-    and the row is renormalised after (standards.md 4), in the same pass."""
+def adam_rows(
+    p: torch.Tensor, grads: list[sparse.RowGrad], opt: torch.optim.Adam, transposed: bool, unit_norm: bool,
+    block: int = 256,
+) -> None:  # fmt: skip
+    """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient is the sum of
+    unevaluated terms (a RowGrads list), evaluated a block of latents at a time: the dense gradient never exists, and
+    each block is still in cache for the update. With unit_norm, each row's gradient loses its component along the
+    row first and the row is renormalised after (standards.md 4), in the same pass."""
     group = opt.param_groups[0]
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     state = opt.state[p]
@@ -321,35 +269,30 @@ def _adam_rows(
             w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def _pack(outs, x: torch.Tensor, stop: bool) -> torch.Tensor:
-    """The step's statistics of every SAE in one float64 vector (one all-reduce sums them over ranks)."""
-    # sums of x and |x|^2 give the variance of the global batch once summed over ranks
-    parts = [torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)]
-    parts += [x.sum(0).double(), torch.dot(x.view(-1), x.view(-1)).double().reshape(1)]
+def _global_stats(
+    outs: list[LossOut], x: torch.Tensor, stop: bool, world: int
+) -> tuple[bool, float, float, list[dict]]:
+    """The step's statistics over the global batch, summed over the ranks in one all-reduce of one float64 vector:
+    whether any rank asked to stop, the token count n, the tokens' summed squared distance to their mean (from the
+    sums of x and |x|^2), and each SAE's loss, sse, aux, extras and firings."""
+    flags = torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)
+    parts = [flags, x.sum(0), torch.dot(x.view(-1), x.view(-1))]
+    parts += [t for o in outs for t in (o.loss.detach(), o.sse, o.aux, *o.extra.values(), o.fired)]
+    stats = torch.cat([t.double().reshape(-1) for t in parts])
+    if world > 1:
+        dist.all_reduce(stats)
+    summed = iter(stats.split([t.numel() for t in parts]))
+    flags, x_sum, x_sq = next(summed), next(summed), next(summed)
+    stop, n = flags[0].item() > 0, flags[1].item()
+    var = x_sq.item() - x_sum.pow(2).sum().item() / n
+    results = []
     for o in outs:
-        scalars = [o.loss.detach(), o.sse, o.aux, *o.extra.values()]
-        parts += [torch.stack([s.double().reshape(()) for s in scalars]), o.fired.double()]
-    return torch.cat(parts)
-
-
-def _unpack(stats: torch.Tensor, outs, d_in: int) -> tuple[bool, float, float, list[dict]]:
-    stop, n = stats[0].item() > 0, stats[1].item()
-    var = stats[2 + d_in].item() - stats[2 : 2 + d_in].pow(2).sum().item() / n
-    i, res = 3 + d_in, []
-    for o in outs:
-        m, f = 3 + len(o.extra), o.fired.numel()
-        s, fired = stats[i : i + m], stats[i + m : i + m + f]
-        res.append(
-            {
-                "loss": s[0].item(),
-                "sse": s[1].item(),
-                "aux": s[2].item(),
-                "fired": fired,
-                "extra": dict(zip(o.extra, s[3:])),
-            }
+        loss, sse, aux, *extra = (next(summed).view(()) for _ in range(3 + len(o.extra)))
+        fired = next(summed)
+        results.append(
+            dict(loss=loss.item(), sse=sse.item(), aux=aux.item(), fired=fired, extra=dict(zip(o.extra, extra)))
         )
-        i += m + f
-    return stop, n, var, res
+    return stop, n, var, results
 
 
 class Trainer:
@@ -368,68 +311,74 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dead_tokens = _dead_tokens(cfg)
         device = torch.device(cfg.device)
-        self.runs = [
-            _Run(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world) for s in cfg.saes
+        self.learners = [
+            _Learner(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world)
+            for s in cfg.saes
         ]
-        names = [run.sae.cfg.name for run in self.runs]
+        names = [learner.sae.cfg.name for learner in self.learners]
         if len(set(names)) != len(names):
             raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
         self.step_count = 0
         self.lr_factor = 0.0
-        self._warmup = _warmup_steps(cfg)
-        self._sparsity_warmup = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
+        self._lr_warmup_steps = _warmup_steps(cfg)
+        self._sparsity_warmup_steps = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
         self._resample_at = {cfg.steps * j // 5 for j in range(1, 5)}
 
     def init(self, x: torch.Tensor) -> None:
         """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's x belongs to."""
-        sample = self.runs[0].sae.world_gather(x)  # every rank's rows: the global batch
-        for run in self.runs:
-            run.sae.init_from_sample(sample)
-            run.sae.normalize_decoder()
+        sample = self.learners[0].sae.world_gather(x)  # every rank's rows: the global batch
+        for learner in self.learners:
+            learner.sae.init_from_sample(sample)
+            learner.sae.normalize_decoder()
             if self.world > 1:
-                _broadcast(run.sae)
+                _broadcast(learner.sae)
 
     def step(self, x: torch.Tensor, stop: bool = False) -> bool:
         """One optimisation step of every SAE on x; returns whether any rank asked to stop (after this step)."""
         step, cfg = self.step_count, self.cfg
-        self.lr_factor = lr_factor(step, cfg.steps, self._warmup, cfg.lr_decay_frac)
-        coeff = min(1.0, (step + 1) / self._sparsity_warmup)
-        outs = []
-        for run in self.runs:
-            for p, _ in run.row_params:
-                p.row_grads = []  # the backward leaves the weight gradients here (nanosae.sparse)
-            o = run.sae.loss(x, run.aux_latents, coeff)
-            o.loss.backward()
-            outs.append(o)
-        stats = _pack(outs, x, stop)
+        self.lr_factor = lr_factor(step, cfg.steps, self._lr_warmup_steps, cfg.lr_decay_frac)
+        sparsity_warmup = min(1.0, (step + 1) / self._sparsity_warmup_steps)  # λ's factor
+        outs, row_grads = [], []
+        for learner in self.learners:
+            # sparse_update (TopK family, one CPU process): the backward leaves W_enc's and W_dec's gradients in
+            # `grads`, unevaluated (nanosae.sparse.RowGrads), and their .grad None; the rest goes to .grad as usual
+            grads = sparse.RowGrads() if learner.sparse_update else None
+            out = learner.sae.loss(x, learner.aux_latents, sparsity_warmup, grads)
+            out.loss.backward()
+            outs.append(out)
+            row_grads.append(grads)
+        stop, n, var, results = _global_stats(outs, x, stop, self.world)
         if self.world > 1:
-            dist.all_reduce(stats)
-            for run in self.runs:
-                _all_reduce_grads(list(run.sae.parameters()), self.world)
-        stop, n, var, results = _unpack(stats, outs, self.d_in)
-        for run, r in zip(self.runs, results):
+            for learner in self.learners:
+                _all_reduce_grads(list(learner.sae.parameters()), self.world)
+        for learner, r in zip(self.learners, results):
             if not math.isfinite(r["loss"]):
-                raise NonFiniteLoss(f"step {step}: the loss of {run.sae.cfg.name} is {r['loss']}; stopped.")
-        for run, r in zip(self.runs, results):
-            run.update(r, self.lr_factor, n, var, self.world)
-            if step + 1 in self._resample_at and run.sae.cfg.resample:
-                self._resample(run, x)
+                raise NonFiniteLoss(f"step {step}: the loss of {learner.sae.cfg.name} is {r['loss']}; stopped.")
+        for learner, r, grads in zip(self.learners, results, row_grads):
+            learner.optimize(self.lr_factor, grads)  # Adam: from .grad, and W_enc/W_dec from grads by adam_rows
+            learner.record(r, self.lr_factor, n, var)
+            if step + 1 in self._resample_at and learner.sae.cfg.resample:
+                self._resample(learner, x)
         self.step_count += 1
         return stop
 
-    def _resample(self, run: _Run, x: torch.Tensor) -> None:
-        dead = run.dead
-        if run.sae.resample(dead, x, run.opt):
-            run.since_fired[dead] = 0
+    def _resample(self, learner: _Learner, x: torch.Tensor) -> None:
+        dead = learner.dead
+        if learner.sae.resample(dead, x, learner.opt):
+            learner.since_fired[dead] = 0
             if self.world > 1:
-                _broadcast(run.sae)
+                _broadcast(learner.sae)
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "saes": [r.state_dict() for r in self.runs], "rng": torch.get_rng_state()}
+        return {
+            "step": self.step_count,
+            "saes": [learner.state_dict() for learner in self.learners],
+            "rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, d: dict) -> None:
-        for run, state in zip(self.runs, d["saes"]):
-            run.load_state_dict(state)
+        for learner, state in zip(self.learners, d["saes"]):
+            learner.load_state_dict(state)
         torch.set_rng_state(d["rng"])
         self.step_count = d["step"]
 
@@ -538,32 +487,14 @@ def train(
     eval_fn(sae) runs on the inference SAE every eval_every steps and at the end; its dict is logged."""
     out = Path(cfg.out)
     rank, world = dist_info()
-    ckpt = read_checkpoint(out) if resume else None
-    if ckpt is not None:
-        _check_resume(cfg, ckpt, world)
-    elif (out / CHECKPOINT).exists():
-        raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
-    stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
-    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
-        raise NanosaeError(
-            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
-            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
-        )
-    trainer = Trainer(cfg, stream.d_in)
-    first = None
-    if ckpt is not None:
-        trainer.load_state_dict(ckpt)
-        if rank == 0:
-            _truncate_metrics(out / METRICS, trainer.step_count)
-    else:
-        first = _next_batch(stream, cfg, world)
-        trainer.init(first)
+    trainer, stream, first = _start(cfg, stream_fn, resume, out, rank, world)
+    resumed = first is None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out)  # temp files of checkpoint writes killed mid-way
-        if ckpt is None and (out / METRICS).is_file():  # a run killed before its first checkpoint: start anew
+        if not resumed and (out / METRICS).is_file():  # a run killed before its first checkpoint: start anew
             print(f"note: replacing {out / METRICS} of an earlier run that stopped before its first checkpoint")
-    log = open(out / METRICS, "a" if ckpt is not None else "w") if rank == 0 else None
+    log = open(out / METRICS, "a" if resumed else "w") if rank == 0 else None
     meta = _meta(stream, cfg)
     steps = cfg.steps
     bar = tqdm(
@@ -599,18 +530,51 @@ def train(
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                     _save_checkpoint(out, trainer, stream)
         _save_checkpoint(out, trainer, stream)
-        saes = [run.sae.to_inference(**meta) for run in trainer.runs]
-        if rank == 0:
-            if eval_fn is not None:
-                _evaluate(trainer, eval_fn, meta, log)
-            for run, sae in zip(trainer.runs, saes):
-                sae.save(out if len(saes) == 1 else out / run.sae.cfg.name, sparsity=(run.density + 1e-10).log10())
+        saes = _finish(trainer, out, meta, eval_fn, log)
     finally:
         bar.close()
         if log is not None:
             log.close()
     if rank == 0:
         _summary(trainer, out, time.perf_counter() - t0, tokens)
+    return saes
+
+
+def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, world: int):
+    """The run's trainer and stream: restored from the checkpoint in `out` when resuming, else freshly initialised
+    from the first batch (returned too, to be trained on first; None when resuming)."""
+    ckpt = read_checkpoint(out) if resume else None
+    if ckpt is not None:
+        _check_resume(cfg, ckpt, world)
+    elif (out / CHECKPOINT).exists():
+        raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
+    stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
+    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
+        raise NanosaeError(
+            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
+            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
+        )
+    trainer = Trainer(cfg, stream.d_in)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        if rank == 0:
+            _truncate_metrics(out / METRICS, trainer.step_count)
+        return trainer, stream, None
+    first = _next_batch(stream, cfg, world)
+    trainer.init(first)
+    return trainer, stream, first
+
+
+def _finish(trainer: Trainer, out: Path, meta: dict, eval_fn, log) -> list[SAE]:
+    """The inference SAEs; rank 0 also runs the final eval and saves them: `out` itself for one SAE, else
+    out/<name> each."""
+    saes = [learner.sae.to_inference(**meta) for learner in trainer.learners]
+    if trainer.rank == 0:
+        if eval_fn is not None:
+            _evaluate(trainer, eval_fn, meta, log)
+        for learner, sae in zip(trainer.learners, saes):
+            folder = out if len(saes) == 1 else out / learner.sae.cfg.name
+            sae.save(folder, sparsity=(learner.density + 1e-10).log10())
     return saes
 
 
@@ -638,13 +602,13 @@ def _meta(stream, cfg: TrainConfig) -> dict:
 
 def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
     parts, lr = [], 0.0
-    for run in trainer.runs:
-        m = run.flush()
-        lr = run.sae.cfg.lr * trainer.lr_factor
+    for learner in trainer.learners:
+        m = learner.flush()
+        lr = learner.sae.cfg.lr * trainer.lr_factor
         line = {
             "step": trainer.step_count,
             "tokens": trainer.step_count * trainer.cfg.batch_size,
-            "sae": run.sae.cfg.name,
+            "sae": learner.sae.cfg.name,
             **m,
             "lr": lr,
             "tok_s": tok_s,
@@ -659,9 +623,9 @@ def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
 
 
 def _evaluate(trainer: Trainer, eval_fn, meta: dict, log) -> None:
-    for run in trainer.runs:
-        result = eval_fn(run.sae.to_inference(**meta))
-        line = {"step": trainer.step_count, "sae": run.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
+    for learner in trainer.learners:
+        result = eval_fn(learner.sae.to_inference(**meta))
+        line = {"step": trainer.step_count, "sae": learner.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
         log.write(json.dumps(line) + "\n")
         log.flush()
 
@@ -673,14 +637,14 @@ def _last_good(out: Path) -> str:
 
 
 def _summary(trainer: Trainer, out: Path, seconds: float, tokens: int) -> None:
-    runs = trainer.runs
+    learners = trainer.learners
     print(
-        f"\ntrained {len(runs)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+        f"\ntrained {len(learners)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
     )
     print(f"{'sae':36s} {'d_sae':>7s} {'FVU':>7s} {'L0':>7s} {'dead %':>7s}  folder")
-    for run in runs:
-        m, c = run.last, run.sae.cfg
-        folder = out if len(runs) == 1 else out / c.name
+    for learner in learners:
+        m, c = learner.last, learner.sae.cfg
+        folder = out if len(learners) == 1 else out / c.name
         fvu, l0, dead = (m.get(k, math.nan) for k in ("fvu", "l0", "dead_frac"))
         print(f"{c.name:36s} {c.d_sae:7d} {fvu:7.4f} {l0:7.1f} {100 * dead:7.2f}  {folder}")
     print(f"metrics: {out / METRICS}   checkpoint: {out / CHECKPOINT}")

@@ -21,7 +21,6 @@ from nanosae.runtime import (
     parse_steer,
     residual_directions,
     steer,
-    top_latents,
     track,
 )
 from nanosae.sae import SAE, SAEConfig
@@ -60,22 +59,6 @@ def test_tracking_equals_offline_encode_on_every_read_token(d4, hand_sae):
         assert r.ids == ids[r.pos][live].tolist()
         torch.testing.assert_close(torch.tensor(r.values), vals[r.pos][live], rtol=1e-5, atol=1e-5)
         assert len(r.ids) == 8
-
-
-@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
-def test_top_latents_equals_dense_topk(arch):
-    cfg = SAEConfig(architecture=arch, d_in=32, d_sae=96, k=4 if arch == "topk" else None)
-    sae = SAE(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    x = torch.randn(3, 7, 32, generator=g)
-    vals, ids = top_latents(sae, x, 6)
-    ref_vals, ref_ids = sae.encode(x).topk(vals.size(-1), dim=-1)
-    torch.testing.assert_close(vals, ref_vals)
-    live = ref_vals > 0
-    assert torch.equal(ids[live], ref_ids[live])
 
 
 def test_track_context_records_plain_forward(d4, hand_sae):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from nanosae import sparse
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAE, SAEConfig, SAETrainConfig, geometric_median, load_sae, training_sae
 
@@ -62,6 +63,7 @@ def test_topk_loss_is_normalised_mse_plus_auxk():
     aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     out = _check(sae, x, dead, main + aux / 32)
     assert out.fired.sum() == N * 5 and torch.allclose(out.sse, (x_hat - xs).pow(2).sum() / sae.input_scale**2)
+    assert torch.allclose(sae.reference_loss(x, dead), main + aux / 32, rtol=1e-5)  # the dense definition states it
 
 
 def test_matryoshka_averages_the_prefix_reconstructions():
@@ -70,6 +72,36 @@ def test_matryoshka_averages_the_prefix_reconstructions():
     z = _topk_dense((xs - sae.b_dec) @ sae.W_enc + sae.b_enc, 6)
     errs = [(z[:, :m] @ sae.W_dec[:m] + sae.b_dec - xs).pow(2).sum(-1).mean() for m in (8, 24, D_SAE)]
     _check(sae, x, torch.zeros(D_SAE, dtype=torch.bool), sum(errs) / 3 / sae.mse_scale)
+    assert torch.allclose(sae.reference_loss(x, torch.zeros(D_SAE, dtype=torch.bool)), sum(errs) / 3 / sae.mse_scale)
+
+
+@pytest.mark.parametrize(
+    "arch, kw, n_dead",
+    [
+        ("topk", {}, 0),
+        ("topk", {}, 20),  # AuxK on
+        ("topk", {"matryoshka": (8, 24)}, 20),
+        ("batchtopk", {}, 20),
+        ("batchtopk", {"matryoshka": (16,)}, 0),
+    ],
+)
+def test_sparse_topk_loss_equals_its_dense_definition(arch, kw, n_dead):
+    """`loss` (sparse selection, decode and gradients) against `reference_loss` (dense latents, autograd): the loss
+    and every parameter's gradient, through autograd's .grad and through a RowGrads collector."""
+    sae, x = _sae(arch, k=5, k_aux=4, **kw)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    ref = sae.reference_loss(x, dead)
+    out = _check(sae, x, dead, ref)
+    assert (out.aux > 0) == (n_dead > 0)
+    row_grads = sparse.RowGrads()
+    sae.loss(x, dead, 1.0, row_grads).loss.backward()
+    assert sae.W_enc.grad is None and sae.W_dec.grad is None and sae.b_enc.grad is not None
+    terms = 1 + bool(n_dead) + len(kw.get("matryoshka", ()))  # W_dec: one per prefix group and AuxK
+    assert len(row_grads.W_enc) == 1 + bool(n_dead) and len(row_grads.W_dec) == terms
+    ref_enc, ref_dec = torch.autograd.grad(sae.reference_loss(x, dead), [sae.W_enc, sae.W_dec])
+    assert torch.allclose(sum(g.full() for g in row_grads.W_enc).t(), ref_enc, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(sum(g.full() for g in row_grads.W_dec), ref_dec, atol=1e-5, rtol=1e-4)
 
 
 def test_batchtopk_keeps_the_batch_top_entries_and_tracks_a_threshold():
@@ -86,9 +118,9 @@ def test_batchtopk_keeps_the_batch_top_entries_and_tracks_a_threshold():
     )
     assert out.fired.sum() == N * 4 and not torch.equal(out.fired, torch.full_like(out.fired, out.fired[0]))
     smallest = z[z > 0].min()
-    sae.after_step({k: v.double() for k, v in out.extra.items()}, 1, 4.0, 1e-3)
+    sae.after_step({k: v.double() for k, v in out.extra.items()}, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, smallest)
-    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 1, 4.0, 1e-3)
+    sae.after_step({"min_kept": torch.tensor(2 * smallest.item(), dtype=torch.float64)}, 4.0, 1e-3)
     assert torch.allclose(sae.threshold, 1.5 * smallest)  # running mean while it moves faster than the EMA
 
 
@@ -137,12 +169,33 @@ def test_jumprelu_loss_and_straight_through_threshold_gradient():
     assert torch.allclose(sae.b_enc.grad, d_z.sum(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])
+def test_encode_sparse_equals_dense_topk(arch):
+    cfg = SAEConfig(architecture=arch, d_in=32, d_sae=96, k=4 if arch == "topk" else None)
+    sae = SAE(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    x = torch.randn(3, 7, 32, generator=g)
+    f = sae.encode(x)
+    active = int((f > 0).sum(-1).max())
+    for n, width in ((6, 4 if arch == "topk" else 6), (None, 4 if arch == "topk" else active)):
+        vals, ids = sae.encode_sparse(x, n)
+        ref_vals, ref_ids = f.topk(width, dim=-1)
+        assert vals.shape == ids.shape == (3, 7, width)
+        torch.testing.assert_close(vals, ref_vals)
+        live = ref_vals > 0
+        assert torch.equal(ids[live], ref_ids[live])
+    assert int((vals > 0).sum()) == int((f > 0).sum())  # n=None: every active latent is there
+
+
 def test_target_l0_steers_the_coefficient_and_starts_jumprelu_on_target():
     sae, x = _sae("standard", target_l0=4.0, sparsity_coeff=1.0)
-    sae.after_step({}, 1, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
-    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * math.log(2.0))))
-    sae.after_step({}, 1, 0.001, 0.01)  # far below: the step is capped
-    assert torch.isclose(sae.coeff, torch.tensor(math.exp(0.01 * (math.log(2.0) - 1))))
+    sae.after_step({}, 8.0, 0.01)  # L0 twice the target: λ grows by e^(gain x lr)
+    assert torch.isclose(sae.sparsity_coeff, torch.tensor(math.exp(0.01 * math.log(2.0))))
+    sae.after_step({}, 0.001, 0.01)  # far below: the step is capped
+    assert torch.isclose(sae.sparsity_coeff, torch.tensor(math.exp(0.01 * (math.log(2.0) - 1))))
     topk = SAETrainConfig(arch="topk", d_sae=D_SAE, target_l0=6.4).resolved(D_IN)
     assert topk.k == 6 and topk.name == "topk_k6_x4"
     torch.manual_seed(0)
@@ -164,7 +217,7 @@ def test_saved_sae_reads_unscaled_activations(arch, tmp_path):
     c = sae.input_scale
     with torch.no_grad():
         if arch == "batchtopk":  # saved as JumpReLU with the tracked threshold
-            pre = sae.pre(x * c)
+            pre = sae.pre_acts(x * c)
             want_f = pre * (pre > 0.4)
         else:
             want_f = sae.encode(x * c)

@@ -63,6 +63,15 @@ def test_topk_encode_decode_and_gradients_match_dense():
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-10), (g - r).abs().max()
 
+    # with a collector the weight gradients arrive there, unevaluated, and autograd leaves .grad empty
+    row_grads = sparse.RowGrads()
+    vals = F.relu(sparse.gather(x, b_dec, W_enc, b_enc, codes, pre_vals.reshape(-1), row_grads))
+    (sparse.decode(codes, vals, W_dec, row_grads) + b_dec).backward(dout)
+    assert W_enc.grad is None and W_dec.grad is None and len(row_grads.W_enc) == len(row_grads.W_dec) == 1
+    assert torch.allclose(row_grads.W_enc[0].full().t(), ref_grads[0], atol=1e-10)
+    assert torch.allclose(row_grads.W_dec[0].full(), ref_grads[3], atol=1e-10)
+    assert torch.allclose(b_enc.grad, ref_grads[1], atol=1e-10) and torch.allclose(b_dec.grad, ref_grads[2], atol=1e-10)
+
 
 def test_variable_bags_match_dense():
     """BatchTopK-style codes: any number of entries per token, some none."""

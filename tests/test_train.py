@@ -2,12 +2,14 @@
 schedules, dead latents, resampling, the eval hook, and the `nanosae train` command."""
 
 import copy
+import gc
 import json
 import os
 import signal
 import struct
 import subprocess
 import sys
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanosae import sparse
 from nanosae.cli import build_parser, main
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAETrainConfig, load_sae, training_sae
-from nanosae.train import TensorStream, TrainConfig, Trainer, lr_factor, read_checkpoint, train
+from nanosae.train import TrainConfig, Trainer, lr_factor, read_checkpoint, train
 
 D_IN = 16
 BASE_DIR = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
@@ -37,8 +40,31 @@ DATA = _data()
 HELD_OUT = _data(1024, seed=1)
 
 
+class _TensorStream:
+    """An activation stream over a tensor in memory: seeded shuffled epochs (a tail short of a batch is skipped),
+    continued exactly from its state()."""
+
+    def __init__(self, data, batch_size, seed=0, state=None, site="", model_name=""):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.d_in, self.site, self.model_name, self.context_size, self.dataset = data.shape[1], site, model_name, 0, ""
+        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
+        self._perm = None
+
+    def state(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def __next__(self):
+        n = self.data.shape[0]
+        if self.pos + self.batch_size > n:
+            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        self.pos += self.batch_size
+        return self.data[self._perm[self.pos - self.batch_size : self.pos]].float()
+
+
 class _Faulty:
-    """A TensorStream that misbehaves at one batch: Ctrl-C, a crash or a NaN."""
+    """A stream that misbehaves at one batch: Ctrl-C, a crash or a NaN."""
 
     def __init__(self, inner, at, what):
         self.inner, self.at, self.what, self.n = inner, at, what, 0
@@ -73,7 +99,7 @@ def _cfg(out, **kw):
 
 def _stream(wrap=None):
     def make(state):
-        s = TensorStream(DATA, 128, seed=3, state=state, site="blocks.1.resid_post", model_name="t")
+        s = _TensorStream(DATA, 128, seed=3, state=state, site="blocks.1.resid_post", model_name="t")
         return wrap(s) if wrap else s
 
     return make
@@ -202,7 +228,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_resume_refuses_activations_of_another_width(uninterrupted):
-    wide = TensorStream(torch.randn(512, D_IN + 1), 128)
+    wide = _TensorStream(torch.randn(512, D_IN + 1), 128)
     with pytest.raises(NanosaeError, match="17-wide but the checkpoint's SAEs read 16"):
         train(_cfg(uninterrupted), lambda state: wide, resume=True, progress=False)
 
@@ -264,21 +290,23 @@ def test_schedules():
     trainer = Trainer(cfg, D_IN)
     trainer.init(DATA[:128])
     seen = []
-    sae = trainer.runs[0].sae
+    sae = trainer.learners[0].sae
     loss = sae.loss
-    sae.loss = lambda x, dead, coeff: seen.append(coeff) or loss(x, dead, coeff)
+    sae.loss = lambda x, dead, warmup, row_grads: seen.append(warmup) or loss(x, dead, warmup, row_grads)
     for i in range(12):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-        assert trainer.runs[0].opt.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1, (i + 1) / 4))
+        assert trainer.learners[0].opt.param_groups[0]["lr"] == pytest.approx(1e-3 * min(1, (i + 1) / 4))
     assert seen == pytest.approx([min(1, (i + 1) / 10) for i in range(12)])
     assert SAETrainConfig(d_sae=2**16).resolved(D_IN).lr == pytest.approx(1e-4)  # 2e-4 / sqrt(d_sae / 2^14)
 
 
 def test_a_trainer_step_is_a_plain_adam_step():
-    """Every architecture's step is torch's Adam on the dense gradient (then the decoder renorm): the TopK family's
-    block-by-block update from unevaluated gradients (main, AuxK and matryoshka terms) included. Gradients reach the
-    fused optimizer in their parameter's memory layout; a mismatch makes torch 2.13's fused CPU Adam update the
-    wrong elements, silently."""
+    """Every architecture's step is torch's Adam on the dense gradient (the decoder's projected, then the decoder
+    renormalised) of its loss; for the TopK family, of the loss's dense definition (reference_loss), so the sparse
+    loss, its gradients and the block-by-block update from unevaluated gradients (main, AuxK and matryoshka terms)
+    are all checked. In float64: Adam's first steps divide a gradient by its own size, so float32 rounding in a
+    near-zero gradient would move a weight by a good part of the LR. Gradients reach the fused optimizer in their
+    parameter's memory layout; a mismatch makes torch 2.13's fused CPU Adam update the wrong elements, silently."""
     saes = [
         SAETrainConfig(arch=a, d_sae=600, k=4, lr=1e-3, sparsity_coeff=0.1, name=f"{a}{len(m)}", matryoshka=m)
         for a, m in (("topk", ()), ("topk", (100, 300)), ("batchtopk", ()), ("standard", ()), ("gated", ()))
@@ -287,24 +315,46 @@ def test_a_trainer_step_is_a_plain_adam_step():
         saes=saes, tokens=40 * 128, batch_size=128, lr_warmup_steps=0, sparsity_warmup_frac=0, dead_tokens=128
     )
     trainer = Trainer(cfg, D_IN)
-    trainer.init(DATA[:128])
-    refs = [copy.deepcopy(run.sae) for run in trainer.runs]
+    data = DATA.double()
+    for learner in trainer.learners:
+        learner.sae.double()  # in place: the optimizer keeps its parameters
+    trainer.init(data[:128])
+    refs = [copy.deepcopy(learner.sae) for learner in trainer.learners]
     opts = [torch.optim.Adam(r.parameters(), lr=1e-3, foreach=False) for r in refs]
-    assert trainer.runs[0].sae.W_enc.stride() == (1, D_IN)  # stored transposed on purpose
+    assert trainer.learners[0].sae.W_enc.stride() == (1, D_IN)  # stored transposed on purpose
     for i in range(3):
-        x = DATA[i * 128 : (i + 1) * 128]
-        for run, ref, opt in zip(trainer.runs, refs, opts):
-            ref.loss(x, run.dead, 1.0).loss.backward()
+        x = data[i * 128 : (i + 1) * 128]
+        for learner, ref, opt in zip(trainer.learners, refs, opts):
+            if ref.cfg.arch in ("topk", "batchtopk"):
+                ref.reference_loss(x, learner.dead).backward()
+            else:
+                ref.loss(x, learner.dead, 1.0).loss.backward()
             ref.project_grads()
             opt.step()
             opt.zero_grad()
             ref.normalize_decoder()
         trainer.step(x)
-    assert trainer.runs[0].row_params and trainer.runs[0].sae.W_enc.grad is None  # the dense gradient never existed
-    assert trainer.runs[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
-    for run, ref in zip(trainer.runs, refs):
-        for p, q in zip(run.sae.parameters(), ref.parameters()):
-            assert torch.allclose(p, q, atol=1e-6), run.sae.cfg.name
+    assert (
+        trainer.learners[0].sparse_update and trainer.learners[0].sae.W_enc.grad is None
+    )  # the dense gradient never existed
+    assert trainer.learners[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
+    for learner, ref in zip(trainer.learners, refs):
+        for p, q in zip(learner.sae.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-10), (learner.sae.cfg.name, (p - q).abs().max())
+
+
+def test_a_sparse_step_leaves_nothing_behind(monkeypatch):
+    """The step's RowGrads (and the graph and batch-sized tensors around it) die with the step: a gradient that still
+    carried the forward's graph once tied each step's graph into a cycle through autograd that gc cannot see."""
+    made, collector = [], sparse.RowGrads
+    monkeypatch.setattr(sparse, "RowGrads", lambda: made.append(weakref.ref(g := collector())) or g)
+    cfg = TrainConfig(saes=[SAETrainConfig(arch="topk", k=4, d_sae=64)], tokens=40 * 128, batch_size=128)
+    trainer = Trainer(cfg, D_IN)
+    trainer.init(DATA[:128])
+    for i in range(3):
+        trainer.step(DATA[i * 128 : (i + 1) * 128])
+    gc.collect()
+    assert len(made) == 3 and all(ref() is None for ref in made)
 
 
 def test_dead_latents_are_counted_and_feed_auxk():
@@ -313,14 +363,14 @@ def test_dead_latents_are_counted_and_feed_auxk():
     )
     trainer = Trainer(cfg, D_IN)
     trainer.init(DATA[:128])
-    run = trainer.runs[0]
+    learner = trainer.learners[0]
     with torch.no_grad():
-        run.sae.b_enc[:8] = -1e4  # these can never fire
+        learner.sae.b_enc[:8] = -1e4  # these can never fire
     for i in range(6):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-        run.sae.b_enc.data[:8] = -1e4
-    m = run.flush()
-    assert run.dead[:8].all() and m["dead_frac"] >= 8 / 64 and m["aux"] > 0  # dead after 512 tokens: AuxK on
+        learner.sae.b_enc.data[:8] = -1e4
+    m = learner.flush()
+    assert learner.dead[:8].all() and m["dead_frac"] >= 8 / 64 and m["aux"] > 0  # dead after 512 tokens: AuxK on
 
 
 def test_aux_rare_hands_rarely_firing_latents_to_auxk():
@@ -333,10 +383,25 @@ def test_aux_rare_hands_rarely_firing_latents_to_auxk():
     trainer.init(DATA[:128])
     for i in range(6):
         trainer.step(DATA[i * 128 : (i + 1) * 128])
-    rare, plain = trainer.runs
+    rare, plain = trainer.learners
     want = rare.recent < 0.5 * rare.recent.mean()  # the firing rate over about dead_tokens
     assert not rare.dead.any() and want.any() and torch.equal(rare.aux_latents, want)
     assert rare.flush()["aux"] > 0 and plain.flush()["aux"] == 0  # AuxK ran on them; without aux_rare it did not
+
+
+def test_checkpoints_that_call_lambda_coeff_still_load():
+    """Checkpoints written before λ's buffer was named sparsity_coeff hold it as "coeff"."""
+    cfg = TrainConfig(saes=[SAETrainConfig(arch="jumprelu", d_sae=64, target_l0=2)], tokens=40 * 128, batch_size=128)
+    trainer = Trainer(cfg, D_IN)
+    trainer.init(DATA[:128])
+    for i in range(3):
+        trainer.step(DATA[i * 128 : (i + 1) * 128])
+    state = trainer.state_dict()
+    state["saes"][0]["sae"]["coeff"] = state["saes"][0]["sae"].pop("sparsity_coeff")
+    again = Trainer(cfg, D_IN)
+    again.load_state_dict(state)
+    moved = trainer.learners[0].sae.sparsity_coeff
+    assert moved != 1.0 and torch.equal(again.learners[0].sae.sparsity_coeff, moved)
 
 
 def test_resampling_reinitialises_dead_latents_and_their_adam_state():
