@@ -38,6 +38,9 @@ class _Parser(argparse.ArgumentParser):
         return namespace, extras
 
 
+SAE_HELP = "SAE folder (cfg.json + sae_weights.safetensors), a file in one, or a .pt state dict (best_model.pt)"
+
+
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="checkpoint dir, nanochat base dir or model_XXXXXX.pt")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -551,7 +554,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     _model_args(p)
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet file or dir (default: the built-in corpus)")
     p.add_argument("--split", choices=["train", "val", "all"], default="val")
@@ -606,7 +609,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -620,7 +623,7 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dashboard", default=None, help="the --out folder of nanosae viz, linked from latents")
@@ -630,7 +633,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _viz_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     _feature_flags(p)
     p.add_argument("--out", required=True, help="dashboard folder (index.html inside)")
 
@@ -638,7 +641,7 @@ def _viz_flags(p: argparse.ArgumentParser) -> None:
 def _export_flags(p: argparse.ArgumentParser) -> None:
     ex = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     q = ex.add_parser("neuronpedia", help="SAELens weights + SAEDashboard batches + the bulk-import layout")
-    q.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    q.add_argument("--sae", required=True, help=SAE_HELP)
     _feature_flags(q)
     q.add_argument("--out", required=True, help="export folder")
     q.add_argument("--model-id", default=None, help="Neuronpedia model id (default: the model's name, nanochat-d20)")

@@ -394,7 +394,7 @@ def read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if "b_dec" not in t or bias is None or t["b_dec"].ndim != 1 or t[bias].ndim != 1:
         raise NanosaeError(f"{path}: tensors {sorted(t)}: no b_dec and encoder bias (b_enc); not an SAE state dict")
     d_in, d_sae = len(t["b_dec"]), len(t[bias])
-    if (config.get("d_in", d_in), config.get("d_sae", d_sae)) != (d_in, d_sae):
+    if (config.get("d_in") or d_in, config.get("d_sae") or d_sae) != (d_in, d_sae):
         raise NanosaeError(
             f"{path}: config says d_in {config.get('d_in')}, d_sae {config.get('d_sae')} but the tensors are "
             f"{d_in} and {d_sae} wide; the file is inconsistent"
