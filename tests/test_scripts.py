@@ -72,6 +72,14 @@ def test_sae_eval_runs_from_the_repository_root_on_the_recorded_model(trained):
     assert result["eval_config"]["model_name"] == "nanochat-d4"
 
 
+def test_sae_path_may_name_the_folder_or_a_file_in_it(trained):
+    folder = trained[0] / "sae_models" / "layer_2"
+    for path in (folder, folder / "cfg.json", folder / "sae_weights.safetensors"):
+        (folder / "eval_core.json").unlink(missing_ok=True)
+        assert sae_eval.main(["--sae_path", str(path), "--num_test_samples", "2048"]) == 0
+        assert json.loads((folder / "eval_core.json").read_text())["eval_result_metrics"]["sparsity"]["l0"] == 8.0
+
+
 def test_sae_viz_writes_the_dashboard_of_every_latent(trained):
     here, _ = trained
     pt = "sae_models/layer_2/best_model.pt"
