@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import NanosaeError
-from .fileio import atomic_write, atomic_write_json, sha256_file
+from .fileio import atomic_write, atomic_write_json, sha256_file, torch_load
 from .gpt import GENERATIONS, GPT, Generation, GPTConfig, detect_generation
 from .tokenizer import Tokenizer
 
@@ -133,22 +133,8 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _load_failure(e: Exception) -> str:
-    msg = str(e)
-    if m := re.search(r"Unsupported global: GLOBAL (\S+)", msg):
-        return f"refused: the pickle asks for {m[1]} besides tensors (nanosae loads weights only)"
-    plain = "Weights only load failed" in msg or "zip archive" in msg or "invalid load key" in msg
-    # damaged bytes fail in many ways inside the unpickler (EOFError, IndexError, ...): all of them mean the same
-    first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
-    return "not a readable torch checkpoint (corrupt or truncated? copy it again" + (")" if plain else f"; {first})")
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # no mmap: parameters backed by the file would crash the process (SIGBUS) if the file were rewritten
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise NanosaeError(f"{path}: {_load_failure(e)}") from None
+    sd = torch_load(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise NanosaeError(f"{path}: does not hold a state dict of tensors")
     return {k.removeprefix("_orig_mod."): v for k, v in sd.items()}

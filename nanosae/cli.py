@@ -10,7 +10,7 @@ import types
 
 from .errors import NanosaeError
 
-CHAT_SAE_HELP = "SAE folder (default: nanosae-demo/sae when `nanosae demo` made it here from this model)"
+CHAT_SAE_HELP = "SAE folder, a file in one, or a .pt state dict (default: nanosae-demo/sae when `nanosae demo` made it here from this model)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +38,9 @@ class _Parser(argparse.ArgumentParser):
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
         return namespace, extras
+
+
+SAE_HELP = "SAE folder (cfg.json + sae_weights.safetensors), a file in one, or a .pt state dict (best_model.pt)"
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -108,10 +111,8 @@ def _train_sft_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> None:
-    from pathlib import Path
-
     from .evaluate import evaluate, format_table, save_result
-    from .sae import load_sae
+    from .sae import load_sae, sae_folder
 
     sae = load_sae(args.sae, args.device)  # fails fast on a bad SAE folder, before the model loads
     model, tok, _ = _load(args)
@@ -130,7 +131,7 @@ def cmd_eval(args) -> None:
         sae_id=str(args.sae),
     )
     print(format_table(result))
-    out, png = save_result(result, args.json or Path(args.sae) / "eval_core.json")
+    out, png = save_result(result, args.json or sae_folder(args.sae) / "eval_core.json")
     print(f"wrote {out} and {png}")
 
 
@@ -476,13 +477,13 @@ def _feature_flags(p, model_required: bool = True) -> None:
 def _features(args):
     """(stats, sae) for viz/export/label: the saved statistics when they match, else one pass over the data."""
     from .features import FeatureConfig, load_or_compute
-    from .sae import load_sae
+    from .sae import load_sae, sae_folder
 
     sae = load_sae(args.sae, args.device)  # fails fast on a bad SAE folder, before the model loads
     model, tok, _ = _load(args)
     sae = sae.to(model.device)
     stats = load_or_compute(
-        model, tok, sae, args.sae, args.data, _from_flags(FeatureConfig, args), args.stats, args.recompute
+        model, tok, sae, sae_folder(args.sae), args.data, _from_flags(FeatureConfig, args), args.stats, args.recompute
     )
     print(stats.summary())
     return stats, sae
@@ -491,8 +492,9 @@ def _features(args):
 def cmd_viz(args) -> None:
     from .dashboard import write_dashboard
     from .labels import load_labels
+    from .sae import sae_folder
 
-    labels = load_labels(args.sae)
+    labels = load_labels(sae_folder(args.sae))
     stats, _ = _features(args)
     index = write_dashboard(stats, args.out, labels)
     print(f"wrote {index} ({stats.d_sae} latents, {len(labels)} labelled); open it in a browser")
@@ -500,9 +502,11 @@ def cmd_viz(args) -> None:
 
 def cmd_export_neuronpedia(args) -> None:
     from .labels import load_label_records
-    from .neuronpedia import export_neuronpedia, names
+    from .neuronpedia import check_exportable, export_neuronpedia, names
+    from .sae import load_sae, sae_folder
 
-    labels = load_label_records(args.sae)
+    check_exportable(load_sae(args.sae))  # before the model loads and the statistics are computed
+    labels = load_label_records(sae_folder(args.sae))
     stats, sae = _features(args)
     n = names(stats, args.model_id, args.set_name)  # checks the ids before writing anything
     paths = export_neuronpedia(
@@ -524,7 +528,9 @@ def cmd_label(args) -> None:
     import os
 
     from .labels import auto_label, load_label_records, set_label
+    from .sae import sae_folder
 
+    folder = sae_folder(args.sae)
     if args.auto:
         if not args.api_base or not args.llm:
             raise NanosaeError("--auto needs --api-base (an OpenAI-compatible URL) and --llm (the model name)")
@@ -533,16 +539,16 @@ def cmd_label(args) -> None:
         stats, _ = _features(args)
         latents = args.latents if args.latents else range(stats.d_sae)
         key = args.api_key or os.environ.get("OPENAI_API_KEY")
-        done = auto_label(stats, args.sae, args.api_base, key, args.llm, latents, args.overwrite)
-        print(f"labelled {len(done)} latents in {args.sae}/labels.json")
+        done = auto_label(stats, folder, args.api_base, key, args.llm, latents, args.overwrite)
+        print(f"labelled {len(done)} latents in {folder / 'labels.json'}")
         return
     if args.index is None:
-        for i, r in sorted(load_label_records(args.sae).items()):
+        for i, r in sorted(load_label_records(folder).items()):
             print(f"{i:6d}  {r['text']}" + (f"  (auto: {r['model']})" if r["source"] == "auto" else ""))
         return
     if not args.clear and args.text is None:
         raise NanosaeError('give the label text (nanosae label --sae DIR 123 "text") or --clear')
-    set_label(args.sae, args.index, None if args.clear else args.text)
+    set_label(folder, args.index, None if args.clear else args.text)
     print(f"latent {args.index}: {'label removed' if args.clear else args.text}")
 
 
@@ -569,7 +575,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     _model_args(p)
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet file or dir (default: the built-in corpus)")
     p.add_argument("--split", choices=["train", "val", "all"], default="val")
@@ -648,7 +654,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _viz_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, help=SAE_HELP)
     _feature_flags(p)
     p.add_argument("--out", required=True, help="dashboard folder (index.html inside)")
 
@@ -656,7 +662,7 @@ def _viz_flags(p: argparse.ArgumentParser) -> None:
 def _export_flags(p: argparse.ArgumentParser) -> None:
     ex = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     q = ex.add_parser("neuronpedia", help="SAELens weights + SAEDashboard batches + the bulk-import layout")
-    q.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    q.add_argument("--sae", required=True, help=SAE_HELP)
     _feature_flags(q)
     q.add_argument("--out", required=True, help="export folder")
     q.add_argument("--model-id", default=None, help="Neuronpedia model id (default: the model's name, nanochat-d20)")

@@ -76,9 +76,9 @@ class _Stats:
     def update(self, x: torch.Tensor, f: torch.Tensor, xh: torch.Tensor, keep: torch.Tensor) -> None:
         """x, xh: (B, T, d_in), f: (B, T, d_sae) of one batch; keep: (B, T), False at masked tokens."""
         keep, f = keep.to(self.device), f.to(self.device)
-        # every architecture's f is >= 0 (each ends in a ReLU), so SAEBench's L0 (f != 0) and density (f > 0)
-        # count the same events: one boolean pass serves both
-        fired = f > 0
+        # SAEBench's L0 counts f != 0 and its density f > 0: the same events where f >= 0 (every architecture that
+        # ends in a ReLU), so one boolean pass serves both; the signed ones (topk_signed, gated_signed) fire when f != 0
+        fired = f != 0
         fired &= keep[..., None]
         counts = fired.sum((0, 1))
         self.fired += counts

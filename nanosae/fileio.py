@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from .errors import NanosaeError
 
 _UMASK = os.umask(0)
@@ -131,3 +133,24 @@ def verify_sha256(path: str | os.PathLike, remedy: str, expected: str | None = N
     if sha256_file(path) not in recorded:
         where = "the one recorded" if expected is not None else f"the one in {side.name}"
         raise NanosaeError(f"{path}: damaged (its sha256 differs from {where}); {remedy}")
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """torch.load(weights_only=True) onto the CPU: tensors and plain containers, never code. A file it cannot read
+    is a one-line NanosaeError; a pickle that asks for a class is refused, not run."""
+    try:
+        # no mmap: tensors backed by the file would crash the process (SIGBUS) if the file were rewritten
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", msg):
+            raise NanosaeError(
+                f"{path}: refused: the pickle asks for {m[1]} besides tensors (nanosae loads weights only)"
+            ) from None
+        plain = "Weights only load failed" in msg or "zip archive" in msg or "invalid load key" in msg
+        # damaged bytes fail in many ways inside the unpickler (EOFError, IndexError, ...): all of them mean the same
+        first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
+        detail = ")" if plain else f"; {first})"
+        raise NanosaeError(
+            f"{path}: not a readable torch checkpoint (corrupt or truncated? copy it again{detail}"
+        ) from None

@@ -153,6 +153,17 @@ def _id(*parts) -> str:
     return "nsae" + hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:21]
 
 
+def check_exportable(sae) -> None:
+    """An export is SAELens weights plus what Neuronpedia reads: nanochat PR #169's signed SAEs have neither form."""
+    from .sae import SignedSAE
+
+    if sae.cfg.architecture in SignedSAE.notes:
+        raise NanosaeError(
+            f"a {sae.cfg.architecture} SAE (nanochat PR #169's, latents with a sign) has no SAELens or Neuronpedia "
+            "form, so it cannot be exported; train a nanosae SAE on the same site to publish one"
+        )
+
+
 def export_neuronpedia(
     stats,
     sae,
@@ -176,6 +187,7 @@ def export_neuronpedia(
     mid, src, sset, layer = n["model_id"], n["source"], n["set_name"], n["layer"]
     now = created_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     labels = labels or {}
+    check_exportable(sae)
     if sae.cfg.d_sae != stats.d_sae:
         raise NanosaeError(
             f"the statistics are for {stats.d_sae} latents but the SAE has {sae.cfg.d_sae}; recompute them"

@@ -32,7 +32,7 @@ from .generate import generate_stream
 from .gpt import GPT
 from .hooks import add_hooks, sae_site
 from .labels import load_labels
-from .sae import SAE, load_sae
+from .sae import SAE, load_sae, sae_folder
 
 # ---------------------------------------------------------------------------------------------------- tracking
 
@@ -297,7 +297,8 @@ def load_runtime(sae_dir: str | os.PathLike, model: GPT) -> tuple[SAE, torch.Ten
     """(sae on the model's device, steering units or None, labels) for an SAE folder, checked against the model."""
     sae = load_sae(sae_dir, device=model.device).requires_grad_(False)
     sae_site(model, sae)
-    units = read_units(sae_dir)
+    folder = sae_folder(sae_dir)  # sae_dir may name a file in it (best_model.pt)
+    units = read_units(folder)
     if units is not None and units.shape != (sae.cfg.d_sae,):
         units = None
-    return sae, None if units is None else units.to(model.device), load_labels(sae_dir)
+    return sae, None if units is None else units.to(model.device), load_labels(folder)

@@ -1,5 +1,5 @@
-"""Sparse autoencoders: the inference SAE (SAELens v6 folders in and out, sparsify folders in) and the training
-side of every architecture, each in one class that holds its whole math.
+"""Sparse autoencoders: the inference SAE (SAELens v6 folders in and out, sparsify folders and .pt state dicts in,
+best_model.pt out) and the training side of every architecture, each in one class that holds its whole math.
 
 Inference architectures use SAELens' names and tensors (x_hat = f W_dec + b_dec; W_enc [d_in, d_sae],
 W_dec [d_sae, d_in], b_dec [d_in]; pre = (x - b_dec) W_enc + b_enc):
@@ -7,6 +7,10 @@ W_dec [d_sae, d_in], b_dec [d_in]; pre = (x - b_dec) W_enc + b_enc):
   topk      f = relu(topk_k(pre))
   jumprelu  f = relu(pre) * (pre > threshold)
   gated     f = 1[(x - b_dec) W_enc + b_gate > 0] * relu((x - b_dec)(W_enc * exp(r_mag)) + b_mag)
+and two that only loading makes (SignedSAE: nanochat PR #169's TopK and Gated variants, which SAELens cannot load;
+their latents keep their sign):
+  topk_signed   f = topk_k(pre)
+  gated_signed  f = 1[(x - b_dec) W_gate + b_gate > 0] * pre
 
 Training architectures (standards.md 4; e = x - x_hat; every loss is a mean over tokens):
   standard   ReLU + L1 (Anthropic 2023): f = relu(pre), L = |e|^2 + λ |f|_1, unit-norm decoder, resampling
@@ -45,9 +49,9 @@ import torch.nn.functional as F
 
 from . import sparse
 from .errors import NanosaeError
-from .fileio import atomic_write, atomic_write_json
+from .fileio import atomic_write, atomic_write_json, torch_load
 
-ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "topk_signed", "gated_signed")
 # target_l0: log λ moves by up to L0_GAIN x the step's LR per step. The L0 follows λ through parameters that Adam
 # moves by about one LR per step, so a gain tied to the LR keeps the loop stable at any LR without lagging behind it.
 L0_GAIN = 1.0
@@ -77,7 +81,7 @@ class SAEConfig:
             )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise NanosaeError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
-        if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+        if self.architecture in ("topk", "topk_signed") and not (self.k and 0 < self.k <= self.d_sae):
             raise NanosaeError(f"topk needs 0 < k <= d_sae (got k={self.k}, d_sae={self.d_sae})")
 
 
@@ -185,9 +189,11 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
             "nanosae_training": cfg.training,
         },
     }
-    if cfg.architecture == "topk":
+    if cfg.architecture in ("topk", "topk_signed"):
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
+    if cfg.architecture in SignedSAE.notes:  # for a reader of cfg.json, SAELens among them: it refuses the name
+        out["metadata"]["nanosae_note"] = SignedSAE.notes[cfg.architecture]
     return out
 
 
@@ -265,28 +271,30 @@ def _sparsify_hook(folder_name: str) -> str:
 
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder: SAELens (ours or SAELens' own: standard, topk, jumprelu, gated, and batchtopk
-    training checkpoints) or a sparsify hookpoint folder (cfg.json + sae.safetensors)."""
+    """Load an SAE from a folder: SAELens (ours or SAELens' own: standard, topk, jumprelu, gated, and batchtopk
+    training checkpoints), a sparsify hookpoint folder (cfg.json + sae.safetensors) or a run folder of nanochat
+    PR #169's scripts (best_model.pt); from a file of a folder (cfg.json, sae_weights.safetensors: the folder);
+    or from a .pt state dict (read_pt)."""
     path = Path(path)
-    if not path.is_dir():
-        raise NanosaeError(f"{path}: not found; pass an SAE folder (cfg.json + sae_weights.safetensors)")
-    cfg_file = path / "cfg.json"
-    if not cfg_file.is_file():
-        inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors")) or sorted(
-            p.parent.name for p in path.glob("*/sae_weights.safetensors")
-        )
-        hint = f" (it holds SAEs in {', '.join(inner[:5])}: pass one of those)" if inner else ""
-        raise NanosaeError(f"{path}: no cfg.json; pass an SAE folder (cfg.json + sae_weights.safetensors){hint}")
-    raw = _read_cfg(cfg_file)
-    if (path / "sae.safetensors").is_file() and not (path / "sae_weights.safetensors").is_file():
-        return _load_sparsify(path, raw, device)
+    if path.is_file() and path.suffix != ".pt":
+        path = path.parent
+    if path.is_dir() and not (path / "cfg.json").is_file() and (path / "best_model.pt").is_file():
+        path = path / "best_model.pt"
+    if path.is_file():
+        (raw, tensors), weights = read_pt(path), path
+    else:
+        raw = _read_cfg(_cfg_file(path))
+        if (path / "sae.safetensors").is_file() and not (path / "sae_weights.safetensors").is_file():
+            return _load_sparsify(path, raw, device)
+        weights = path / "sae_weights.safetensors"
+        tensors = _read_tensors(weights)
     meta = raw.get("metadata", {}) or {}
-    architecture, tensors = _saelens_tensors(raw, _read_tensors(path / "sae_weights.safetensors"), path)
+    architecture, tensors = _saelens_tensors(raw, tensors, path)
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(
         architecture=architecture,
         **{k: raw[k] for k in ("d_in", "d_sae", "dtype") if k in raw and k in known},
-        k=raw.get("k") if architecture == "topk" else None,
+        k=raw.get("k") if architecture in ("topk", "topk_signed") else None,
         hook_name=_site(meta.get("nanosae_site") or meta.get("hook_name") or raw.get("hook_name") or ""),
         model_name=meta.get("model_name", raw.get("model_name", "")) or "",
         context_size=meta.get("context_size", raw.get("context_size", 0)) or 0,
@@ -294,7 +302,29 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
         dataset_path=meta.get("dataset_path", "") or "",
         training=meta.get("nanosae_training", {}) or {},
     )
-    return _from_tensors(cfg, tensors, path / "sae_weights.safetensors", device)
+    return _from_tensors(cfg, tensors, weights, device)
+
+
+def _cfg_file(path: Path) -> Path:
+    """The cfg.json of an SAE folder, or a one-line error that says what to pass instead."""
+    if not path.is_dir():
+        raise NanosaeError(
+            f"{path}: not found; pass an SAE folder (cfg.json + sae_weights.safetensors) or a .pt state dict"
+        )
+    if not (path / "cfg.json").is_file():
+        inner = sorted(p.parent.name for p in path.glob("*/sae.safetensors")) or sorted(
+            p.parent.name for p in path.glob("*/sae_weights.safetensors")
+        )
+        hint = f" (it holds SAEs in {', '.join(inner[:5])}: pass one of those)" if inner else ""
+        raise NanosaeError(f"{path}: no cfg.json; pass an SAE folder (cfg.json + sae_weights.safetensors){hint}")
+    return path / "cfg.json"
+
+
+def sae_folder(path: str | os.PathLike) -> Path:
+    """Where an SAE's companions live (labels.json, feature_stats/, eval_core.json): the folder load_sae was given,
+    or the folder of the file it was given."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
 
 
 def _load_sparsify(path: Path, raw: dict, device) -> SAE:
@@ -315,7 +345,7 @@ def _load_sparsify(path: Path, raw: dict, device) -> SAE:
 
 
 def _from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path, device) -> SAE:
-    sae = SAE(cfg)
+    sae = SignedSAE(cfg) if cfg.architecture in SignedSAE.notes else SAE(cfg)
     expected = sae.state_dict()
     if set(tensors) != set(expected):
         raise NanosaeError(
@@ -326,6 +356,126 @@ def _from_tensors(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path,
             raise NanosaeError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
     sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
     return sae.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# .pt state dicts: nanosae's best_model.pt and the checkpoints of nanochat PR #169's SAE scripts
+# (github.com/karpathy/nanochat/pull/169, closed unmerged; sae/models.py and sae/trainer.py of that branch)
+
+
+class SignedSAE(SAE):
+    """The TopK and Gated variants of nanochat PR #169, loaded as what they are. Neither ends in a ReLU, so a latent
+    can be negative; its Gated SAE decides with weights of its own (W_gate, b_gate) and takes the magnitude from
+    W_enc without a ReLU: it is not the Gated SAE of Rajamanoharan et al. 2024 (architecture "gated")."""
+
+    notes = {
+        "topk_signed": "nanochat PR #169's TopK SAE: f = topk_k((x - b_dec) W_enc + b_enc), kept with their sign (no "
+        "ReLU). SAELens has no such architecture (its topk applies a ReLU) and cannot load this folder.",
+        "gated_signed": "nanochat PR #169's Gated SAE: f = 1[(x - b_dec) W_gate + b_gate > 0] * ((x - b_dec) W_enc + "
+        "b_enc), a gate of its own and a magnitude without ReLU; not the Gated SAE of Rajamanoharan et al. 2024 "
+        "(SAELens' gated). SAELens has no such architecture and cannot load this folder.",
+    }
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        if cfg.architecture == "gated_signed":
+            self.W_gate = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+            self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        if self.cfg.architecture == "topk_signed":
+            vals, idx = pre.topk(self.cfg.k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals)
+        gate = (x.to(self.W_gate.dtype) - self.b_dec) @ self.W_gate + self.b_gate > 0
+        return gate * pre
+
+
+# nanochat PR #169's hook points (forward hooks on a block, its attn, its mlp) as nanosae sites
+PR169_SITES = {"hook_resid_post": "resid_post", "hook_attn": "attn_out", "hook_mlp": "mlp_out"}
+PR169_ARCHITECTURES = {"topk": "topk_signed", "relu": "standard", "gated": "gated_signed"}
+ENCODER_BIASES = ("b_enc", "b_gate", "b_mag", "threshold")
+
+
+def read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A .pt of SAE tensors as load_sae reads a folder: (the cfg.json dict, the tensors in SAELens' names and
+    layout). Either nanosae's layout (save_pt), or any plain state dict of W_enc, b_enc, W_dec, b_dec and the
+    architecture's extras (threshold; b_gate, b_mag, r_mag) with `config` optional; or a checkpoint of nanochat
+    PR #169's scripts: the tensors under `sae_state_dict` and a `config` with its `activation` (topk, relu, gated).
+    d_in is the length of b_dec, d_sae that of the encoder bias; a matrix stored the other way round (nn.Linear's
+    [out, in]) is turned."""
+    obj = torch_load(path)
+    if not isinstance(obj, dict):
+        raise NanosaeError(f"{path}: holds a {type(obj).__name__}, not a state dict of SAE tensors")
+    state, config = obj.get("sae_state_dict", obj), obj.get("config") or {}
+    if not isinstance(state, dict) or not isinstance(config, dict):
+        raise NanosaeError(f"{path}: not a state dict of SAE tensors (W_enc, b_enc, W_dec, b_dec, ...)")
+    t = {k: v.float() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    bias = next((b for b in ENCODER_BIASES if b in t), None)
+    if "b_dec" not in t or bias is None or t["b_dec"].ndim != 1 or t[bias].ndim != 1:
+        raise NanosaeError(f"{path}: tensors {sorted(t)}: no b_dec and encoder bias (b_enc); not an SAE state dict")
+    d_in, d_sae = len(t["b_dec"]), len(t[bias])
+    if (config.get("d_in") or d_in, config.get("d_sae") or d_sae) != (d_in, d_sae):
+        raise NanosaeError(
+            f"{path}: config says d_in {config.get('d_in')}, d_sae {config.get('d_sae')} but the tensors are "
+            f"{d_in} and {d_sae} wide; the file is inconsistent"
+        )
+    for name, shape in (("W_enc", (d_in, d_sae)), ("W_gate", (d_in, d_sae)), ("W_dec", (d_sae, d_in))):
+        if name in t and d_in == d_sae and not config:
+            raise NanosaeError(
+                f"{path}: {name} is square ({d_in} x {d_sae}), so its shape does not tell which side is d_in; "
+                "save it with a config (d_in, d_sae, architecture), as nanosae's best_model.pt has"
+            )
+        if name in t and d_in != d_sae and tuple(t[name].shape) == shape[::-1]:
+            t[name] = t[name].t()
+    if ("activation" in config and "architecture" not in config) or ("W_gate" in t and not config):
+        return _pr169_cfg(path, config, t, d_in, d_sae), t
+    raw = {**config, "d_in": d_in, "d_sae": d_sae}
+    if "architecture" not in raw:
+        raw["architecture"] = _architecture_from_keys(path, t, config)
+    return raw, t
+
+
+def _architecture_from_keys(path: Path, t: dict[str, torch.Tensor], config: dict) -> str:
+    if "r_mag" in t:
+        return "gated"
+    if "threshold" in t:
+        return "jumprelu"
+    if "k" in config:
+        return "topk"
+    raise NanosaeError(
+        f"{path}: W_enc, b_enc, W_dec, b_dec alone may be a ReLU or a TopK SAE; save it with "
+        "config={'architecture': 'topk', 'k': K} (or 'standard'), as nanosae's best_model.pt has"
+    )
+
+
+def _pr169_cfg(path: Path, config: dict, t: dict[str, torch.Tensor], d_in: int, d_sae: int) -> dict:
+    """The cfg.json dict of a nanochat PR #169 SAE; its biases take in the b_dec shift (its encoders read x itself:
+    x W + b = (x - b_dec) W + (b + b_dec W))."""
+    activation = config.get("activation", "gated")
+    if activation not in PR169_ARCHITECTURES:
+        raise NanosaeError(f"{path}: activation {activation!r} is not one of nanochat PR #169's (topk, relu, gated)")
+    for W, b in (("W_enc", "b_enc"), ("W_gate", "b_gate")):
+        if W in t and b in t:
+            t[b] = t[b] + t["b_dec"] @ t[W]
+    hook = str(config.get("hook_point", ""))
+    layer, _, kind = hook.removeprefix("blocks.").partition(".")
+    site = f"blocks.{layer}.{PR169_SITES[kind]}" if layer.isdigit() and kind in PR169_SITES else hook
+    return {
+        "architecture": PR169_ARCHITECTURES[activation],
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": config.get("k"),
+        "metadata": {"hook_name": site, "nanosae_training": {"nanochat_pr169": config}},
+    }
+
+
+def save_pt(sae: SAE, path: str | os.PathLike) -> Path:
+    """The SAE as one torch file, as nanochat PR #169's scripts name theirs (best_model.pt): a plain state dict (the
+    tensors in SAELens' names) and `config`, the cfg.json dict; torch.load(weights_only=True) reads it."""
+    state: dict = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    state["config"] = saelens_cfg(sae.cfg)
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 # ---------------------------------------------------------------------------------------------------------------
