@@ -9,8 +9,8 @@ cosines) cost the same whatever the token count, so they are timed apart; the la
 For TopK SAEs the pass never builds the dense (N, d_sae) latents that SAE.encode returns; the bench also times
 forward + pre-activations + top-k alone, the floor of any pass, and prints the pass's ratio to that. The
 per-token cost falls as the pass goes on (early on, every activation enters a top-k or reservoir slot; later
-few do), so the ratio depends on tokens per latent: --tokens 1048576 with d_sae 16384 is the setting the issue
-names. A random TopK SAE stands in for a trained one: the cost depends on shapes and L0, not on meaning.
+few do), so the ratio depends on tokens per latent: --tokens 1048576 with d_sae 16384 is the setting the README
+quotes. A random TopK SAE stands in for a trained one: the cost depends on shapes and L0, not on meaning.
 On CPU the bench runs one thread and times this process's CPU time (time.process_time): on a machine shared
 with other jobs, wall time and multi-threaded CPU time (spinning threads) swing with their load; one thread's
 CPU time does not, and both sides are timed the same way.

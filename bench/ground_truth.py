@@ -1,7 +1,7 @@
 """Ground truth: do the SAE architectures recover known directions? All of them train side by side, from one
 activation stream, at the same L0.
 
-Data (seeded; the sparse-dictionary model of peers.md §4.1, scaled down): `n_true` random unit directions in R^d;
+Data (seeded; bench/train_throughput.py's sparse-dictionary model, scaled down): `n_true` random unit directions in R^d;
 per token n_active ~ Poisson(k) clipped to [1, 4k], drawn without replacement with firing probabilities
 p_i ∝ (i + 10)^-0.8; coefficients Exp(1) + 0.25; plus a fixed offset μ (|μ| = 2) and N(0, σ²) noise. The
 directions come from their own seed: drawn from the SAEs' seed, they would equal the first rows of the initial

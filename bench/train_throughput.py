@@ -1,6 +1,6 @@
 """TopK SAE training throughput: nanosae's trainer against a plain dense-decoder PyTorch TopK, in one process.
 
-Setup (peers.md 4.1): seeded synthetic activations from a sparse dictionary (4096 unit directions in R^512; per
+Setup: seeded synthetic activations from a sparse dictionary (4096 unit directions in R^512; per
 token Poisson(20) of them, clipped to [1, 64], drawn from p_i ∝ (i + 10)^-0.8, coefficients Exp(1) + 0.25; an
 offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam lr 2e-4 constant, fp32. Both
 train on the same batches in the same order, one step each per cycle (alternating which goes first) so that the

@@ -1,4 +1,4 @@
-"""Find, load and save nanochat checkpoints in their real layout (spec §5).
+"""Find, load and save nanochat checkpoints in their real layout (docs/nanochat.md, "Files").
 
 <base>/tokenizer/{tokenizer.pkl, token_bytes.pt}
 <base>/{base,chatsft,chatrl}_checkpoints/<tag>/model_<step:06d>.pt + meta_<step:06d>.json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import difflib
+import inspect
 import sys
 import types
 
@@ -41,6 +42,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 SAE_HELP = "SAE folder (cfg.json + sae_weights.safetensors), a file in one, or a .pt state dict (best_model.pt)"
+
+
+SAMPLING_TYPES = {"temperature": float, "top_k": int, "max_tokens": int, "seed": int}
+
+
+def _default(fn, name: str):
+    """The default of `fn`'s parameter `name`: flags that pass straight into a function take its defaults, so each
+    default is written once, where the function is."""
+    return inspect.signature(fn).parameters[name].default
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -515,7 +525,9 @@ def cmd_export_neuronpedia(args) -> None:
     print(f"Neuronpedia id {n['model_id']}/{n['source']}")
     for what, path in paths.items():
         print(f"  {what:9s} {path}")
-    print(f"upload: nanosae export upload {args.out} --api-key KEY --send")
+    from .demo import command
+
+    print(f"upload: {command()} export upload {args.out} --api-key KEY --send")
 
 
 def cmd_export_upload(args) -> None:
@@ -575,14 +587,16 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
+    from .evaluate import evaluate
+
     p.add_argument("--sae", required=True, help=SAE_HELP)
     _model_args(p)
     p.add_argument("--data", default=None, help="text/.jsonl/.parquet file or dir (default: the built-in corpus)")
     p.add_argument("--split", choices=["train", "val", "all"], default="val")
-    p.add_argument("--tokens", type=_token_count, default=409_600, help="tokens for sparsity, variance, density")
+    p.add_argument("--tokens", type=_token_count, default=_default(evaluate, "n_tokens"), help="tokens for metrics")
     p.add_argument("--ce-tokens", type=_token_count, default=None, help="tokens for CE/KL (default: --tokens / 10)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
-    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=_default(evaluate, "batch_size"), help="prompts per batch")
+    p.add_argument("--context-size", type=int, default=_default(evaluate, "context_size"))
     p.add_argument("--saebench-compat", action="store_true", help="report SAEBench's EV and MSE formulas (quirks)")
     p.add_argument("--no-model-check", action="store_true", help="evaluate on a model other than the SAE's")
     p.add_argument("--json", default=None, help="result path (default: <SAE>/eval_core.json; PNG beside it)")
@@ -597,13 +611,15 @@ def _site_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _collect_flags(p: argparse.ArgumentParser) -> None:
+    from .activations import collect
+
     _model_args(p)
     _site_flags(p)
     p.add_argument("--tokens", type=_token_count, required=True, help="activations to collect (e.g. 2M)")
     p.add_argument("--out", required=True, help="cache folder; re-running the same command resumes it")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="storage dtype")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward")
-    p.add_argument("--shard-tokens", type=_token_count, default=1 << 16, help="about this many tokens per shard")
+    p.add_argument("--batch-size", type=int, default=_default(collect, "batch_size"), help="rows per forward")
+    p.add_argument("--shard-tokens", type=_token_count, default=_default(collect, "shard_tokens"), help="per shard")
     p.add_argument("--keep-bos", action="store_true", help="keep the <|bos|> positions (dropped by default)")
 
 
@@ -629,13 +645,13 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
+    from .chat import ChatSession
+
     _model_args(p, required=False)
     p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--latents", type=int, default=3, help="latents shown per generated token (0: none)")
+    for name in ("temperature", "top_k", "max_tokens", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=SAMPLING_TYPES[name], default=_default(ChatSession, name))
+    p.add_argument("--latents", type=int, default=_default(ChatSession, "top_n"), help="latents per token (0: none)")
     p.add_argument("--steer", action="append", metavar="ID:A", help="add A units of a latent's direction (123:+8)")
     p.add_argument("--clamp", action="append", metavar="ID:V", help="hold a latent at activation V (45:0)")
     p.add_argument("--ablate", action="append", metavar="ID", help="clamp a latent to 0")
@@ -643,14 +659,15 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
+    from .server import ServedModel
+
     _model_args(p, required=False)
     p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dashboard", default=None, help="the --out folder of nanosae viz, linked from latents")
-    p.add_argument("--temperature", type=float, default=0.8, help="default for requests that give none")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=512)
+    for name in ("temperature", "top_k", "max_tokens"):  # used by requests that give none
+        p.add_argument(f"--{name.replace('_', '-')}", type=SAMPLING_TYPES[name], default=_default(ServedModel, name))
 
 
 def _viz_flags(p: argparse.ArgumentParser) -> None:

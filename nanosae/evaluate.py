@@ -1,4 +1,4 @@
-"""SAEBench-style core evaluation of an SAE spliced into a nanochat model (spec: standards.md §1.1).
+"""SAEBench-style core evaluation of an SAE spliced into a nanochat model (definitions: docs/metrics.md).
 
 One stream of token batches serves two metric sets, as in SAEBench where both start at the same tokens:
   CE/KL (the first `ce_tokens`): clean, SAE-spliced and zero-ablated full forwards, per-token CE and KL

@@ -1,4 +1,4 @@
-"""nanochat's GPT, written from the spec (../shared/spec/nanochat.md), for every checkpoint generation.
+"""nanochat's GPT, written from its facts in docs/nanochat.md, for every checkpoint generation.
 
 nanochat changed its forward pass many times without a version field; the constants of each generation live
 in GENERATIONS below and `detect_generation` tells them apart from a state dict's keys and shapes.
@@ -34,7 +34,7 @@ class GPTConfig:
 
 @dataclass(frozen=True)
 class Generation:
-    """The forward-pass constants of one era of nanochat's gpt.py (spec §9 and §12)."""
+    """The forward-pass constants of one era of nanochat's gpt.py (docs/nanochat.md, "Generations")."""
 
     name: str
     since: str  # first nanochat commit date with these constants

@@ -11,7 +11,7 @@ The recipe follows nanochat's base_train: current-generation GPT with its init, 
 AdamW for embeddings, unembedding and scalars (the (un)embedding rates scaled by (n_embd/768)^-0.5 like
 nanochat), warmup then linear warmdown, rows of seq_len+1 BOS-prefixed tokens, val bits-per-byte from
 token_bytes. The defaults and learning rates come from a sweep of val bpb at fixed token budgets, picked for
-the most quality per CPU-second (see the README).
+the most quality per CPU-second.
 """
 
 from __future__ import annotations

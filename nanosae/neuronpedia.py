@@ -1,4 +1,4 @@
-"""Neuronpedia export and upload (standards.md 2): everything Neuronpedia takes, from the feature statistics.
+"""Neuronpedia export and upload (docs/formats.md, "Neuronpedia export"): everything Neuronpedia takes, from the feature statistics.
 
     out/saelens/                          the SAE as a SAELens folder (+ sparsity.safetensors, neuronpedia_id)
     out/dashboard/{model}_{set}_{hook}_{d_sae}/
@@ -104,7 +104,7 @@ def _activations(stats, i: int) -> list[dict]:
 
 
 def dashboard_feature(stats, i: int) -> dict:
-    """One latent in the SAEDashboard batch schema (every field of standards.md 2.2, in its order)."""
+    """One latent in the SAEDashboard batch schema (every field SAEDashboard's Neuronpedia runner writes, in its order)."""
     a, vocab, m = stats.a, stats.vocab, stats.meta
     act_c, act_h = stats.act_hist(i)
     log_c, log_h = stats.logit_hist(i)
@@ -438,7 +438,7 @@ def upload_feature(f: dict, explanation: str | None) -> dict | None:
 
 
 def check_upload_body(body: dict) -> None:
-    """The upload route's constraints (standards.md 2.4); a NanosaeError names the first one broken."""
+    """The upload route's constraints (docs/formats.md); a NanosaeError names the first one broken."""
     feats = body.get("features", [])
     if not body.get("modelId") or not body.get("source"):
         raise NanosaeError("an upload needs modelId and source")

@@ -12,7 +12,7 @@ their latents keep their sign):
   topk_signed   f = topk_k(pre)
   gated_signed  f = 1[(x - b_dec) W_gate + b_gate > 0] * pre
 
-Training architectures (standards.md 4; e = x - x_hat; every loss is a mean over tokens):
+Training architectures (docs/training.md; e = x - x_hat; every loss is a mean over tokens):
   standard   ReLU + L1 (Anthropic 2023): f = relu(pre), L = |e|^2 + λ |f|_1, unit-norm decoder, resampling
   april      Anthropic April 2024: f = relu(x W_enc + b_enc) (no b_dec shift), L = |e|^2 + λ Σ_i f_i |W_dec[i]|,
              free decoder norms (init 0.1), gradient clipping
@@ -581,7 +581,7 @@ class TrainingSAE(nn.Module):
     conversion. A subclass holds one architecture's math: `loss` (and `encode`, `inference_tensors`)."""
 
     inference_architecture = "standard"
-    unit_norm = True  # decoder rows kept at norm 1 with the parallel gradient removed (standards.md 4)
+    unit_norm = True  # decoder rows kept at norm 1 with the parallel gradient removed (docs/training.md)
     decoder_init_norm = 1.0
     defaults: dict = {}
     enc_biases: tuple[str, ...] = ("b_enc",)  # per-latent encoder parameters, zeroed on resampling
@@ -670,7 +670,7 @@ class TrainingSAE(nn.Module):
 
     @torch.no_grad()
     def resample(self, dead: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> int:
-        """Anthropic 2023 (standards.md 4.3): each dead latent gets an input sampled with probability ∝ loss^2 as
+        """Anthropic 2023 ("Towards Monosemanticity", resampling): each dead latent gets an input sampled with probability ∝ loss^2 as
         its decoder row (unit norm) and encoder row (scaled to 0.2 x the mean alive encoder norm), a zero bias,
         and fresh Adam moments. Returns how many latents were resampled."""
         idx = dead.nonzero().squeeze(1)

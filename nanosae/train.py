@@ -240,7 +240,7 @@ def adam_rows(
     """torch's Adam step on a (d_sae, d) weight (stored transposed when `transposed`) whose gradient is the sum of
     unevaluated terms (a RowGrads list), evaluated a block of latents at a time: the dense gradient never exists, and
     each block is still in cache for the update. With unit_norm, each row's gradient loses its component along the
-    row first and the row is renormalised after (standards.md 4), in the same pass."""
+    row first and the row is renormalised after (docs/training.md), in the same pass."""
     group = opt.param_groups[0]
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
     state = opt.state[p]

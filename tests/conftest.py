@@ -82,7 +82,7 @@ def hand_sae(d4, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
-    """Headless Debian chromium driven by playwright (no browser download; see the team brief). A missing chromium
+    """Headless Debian chromium driven by playwright (no browser download: CI installs Debian chromium). A missing chromium
     fails the tests that need it, never skips them: CI installs it."""
     from playwright.sync_api import sync_playwright
 

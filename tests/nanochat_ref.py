@@ -1,4 +1,4 @@
-"""A deliberately plain nanochat forward pass written from the spec (../shared/spec/nanochat.md §2-4, §9, §12),
+"""A deliberately plain nanochat forward pass written from docs/nanochat.md,
 independent of nanosae.gpt: explicit per-head loops, explicit masks, and every era's constants spelled out here.
 Tests compare nanosae's GPT (logits and hook sites) against it, and random-weight state dicts of each era.
 """
@@ -16,7 +16,7 @@ def _ceil128(seq: int, div: int) -> int:
     return math.ceil(seq / div / 128) * 128
 
 
-# Forward constants of each era, from the spec's tables (not from nanosae).
+# Forward constants of each era, from docs/nanochat.md (not from nanosae).
 ERAS: dict[str, dict] = {
     "v0": dict(rope_base=10000.0, rope_bf16=True, qk_scale=1.0, softcap=15.0, lambdas=False, windows=None,
                ve_in=0, ve_mult=0.0, smear=False),
@@ -151,7 +151,7 @@ def forward(
 
 
 def random_state_dict(cfg: dict, era: str, seed: int = 0, pad: bool | None = None) -> dict[str, torch.Tensor]:
-    """Random weights of an era with the spec's keys, shapes and save order, scaled so that every part of the
+    """Random weights of an era with nanochat's keys, shapes and save order, scaled so that every part of the
     network (attention pattern, gates, lambdas, softcap) visibly moves the logits."""
     e = ERAS[era]
     g = torch.Generator().manual_seed(seed)

@@ -195,7 +195,7 @@ def test_a_wrong_constant_would_be_caught(current_case, name):
     cfg, sd, idx, want = current_case
     era, weights = MUTATIONS[name]
     wrong, _ = ref.forward({**sd, **weights}, cfg, era, idx)
-    # rounding the RoPE tables to bf16 is the subtlest difference (spec §12: up to ~0.01); the rest move by > 0.1
+    # rounding the RoPE tables to bf16 is the subtlest difference (up to ~0.01); the rest move by > 0.1
     assert _max_err(wrong, want) > (1e-3 if name == "rope_tables_bf16" else 0.1)
 
 

@@ -1,4 +1,4 @@
-"""Neuronpedia export (files checked against the field lists of standards.md 2.2-2.4), upload against a local
+"""Neuronpedia export (files checked against the field lists in docs/formats.md), upload against a local
 HTTP server, labels (CLI, file, and automatic ones from a fake OpenAI-compatible endpoint)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from nanosae.sae import SAE, SAEConfig, load_sae
 BASE = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
 D = 300  # three batches of up to 128
 
-# standards.md 2.2: the batch file and its feature records, field names exact
+# SAEDashboard's Neuronpedia runner: the batch file and its feature records, field names exact
 BATCH_KEYS = ["model_id", "layer", "sae_set", "sae_id_suffix", "features"]
 FEATURE_KEYS = [
     "feature_index",
@@ -57,7 +57,7 @@ FEATURE_KEYS = [
 ]
 ACTIVATION_KEYS = ["bin_min", "bin_max", "bin_contains", "tokens", "values", "qualifying_token_index"]
 SKIPPED_KEYS = ["model_id", "layer", "sae_set", "log_sparsity", "skipped_indexes"]
-# standards.md 2.3: the bulk-import records
+# neuronpedia-utils' converter: the bulk-import records
 RELEASE_KEYS = [
     "name",
     "description",
