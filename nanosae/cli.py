@@ -774,8 +774,13 @@ def _keep_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _keep_freed_memory()
+    return run(lambda: args.func(args))
+
+
+def run(body) -> int:
+    """body()'s exit status; a NanosaeError or Ctrl-C ends it in one line (exit 2 or 130), never a traceback."""
     try:
-        return args.func(args) or 0
+        return body() or 0
     except NanosaeError as e:
         print(f"nanosae: error: {e}", file=sys.stderr)
         return 2

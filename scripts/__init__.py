@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from nanosae.cli import _Parser
@@ -51,18 +50,6 @@ class _Refuse(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string}: {self.why}")
-
-
-def run(body: Callable[[], int | None]) -> int:
-    """body()'s exit status; a NanosaeError or Ctrl-C ends it as `nanosae` itself does (one line)."""
-    try:
-        return body() or 0
-    except NanosaeError as e:
-        print(f"nanosae: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("nanosae: interrupted", file=sys.stderr)
-        return 130
 
 
 def nanosae(argv: Sequence[str]) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nanosae.cli import _token_count
+from nanosae.cli import _token_count, run
 from nanosae.sae import load_sae
-from scripts import ProposalParser, model_flags, nanosae, run
+from scripts import ProposalParser, model_flags, nanosae
 
 PROG = "python -m scripts.sae_eval"
 

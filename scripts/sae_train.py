@@ -9,10 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanosae.cli import _add_config_flags, _token_count
+from nanosae.cli import _add_config_flags, _token_count, run
 from nanosae.sae import SAETrainConfig, load_sae, save_pt
 from nanosae.train import TrainConfig
-from scripts import ProposalParser, command, nanosae, run
+from scripts import ProposalParser, command, nanosae
 
 PROG = "python -m scripts.sae_train"
 # the proposal's hook types (forward hooks on a block, its attention, its MLP) and activations, in nanosae's words

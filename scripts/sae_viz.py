@@ -8,11 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanosae.cli import _add_config_flags, _token_count
+from nanosae.cli import _add_config_flags, _token_count, run
 from nanosae.errors import NanosaeError
 from nanosae.features import FeatureConfig
 from nanosae.sae import load_sae, sae_folder
-from scripts import ProposalParser, model_flags, nanosae, run
+from scripts import ProposalParser, model_flags, nanosae
 
 PROG = "python -m scripts.sae_viz"
 
