@@ -1,0 +1,148 @@
+"""nanosae evolve: one SAE over a checkpoint series (metrics equal evaluate's, correlations equal a dense
+computation, resumable, bad input refused), and SAE-Track chains on planted truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanosae import load_model
+from nanosae.checkpoint import save_checkpoint
+from nanosae.errors import NanosaeError
+from nanosae.evaluate import evaluate
+from nanosae.evolve import EvolveConfig, run_series, series
+from nanosae.hooks import run_with_cache
+
+BASE_DIR = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
+STEPS = (100, 200, 300, 400)
+
+
+@pytest.fixture(scope="module")
+def series_dir(tmp_path_factory):
+    """A nanochat base dir with a series of four checkpoints: the fixture model with noise that shrinks to zero at
+    the last step (a stand-in for training converging), in the real layout."""
+    base = tmp_path_factory.mktemp("series")
+    shutil.copytree(BASE_DIR / "tokenizer", base / "tokenizer")
+    model, _, meta = load_model(BASE_DIR)
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in STEPS:
+            for k, p in model.state_dict().items():
+                if p.is_floating_point():
+                    p.copy_(final[k] + (1 - s / 400) * 0.5 * p.abs().mean() * torch.randn(p.shape, generator=g))
+            save_checkpoint(base / "base_checkpoints" / "d4", s, model, meta)
+    return base
+
+
+CFG = EvolveConfig(tokens=2048, ce_tokens=512, batch_size=4, context_size=64)
+
+
+def test_series_picks_steps_and_refuses_bad_ones(series_dir, tmp_path):
+    assert [c.step for c in series(str(series_dir))] == list(STEPS)
+    assert [c.label for c in series(str(series_dir), "100,400")] == ["base-000100", "base-000400"]
+    with pytest.raises(NanosaeError, match=r"no step 250 .*steps present: 100, 200, 300, 400"):
+        series(str(series_dir), "100,250")
+    with pytest.raises(NanosaeError, match="evolve needs two or more.*--save-every"):
+        series(str(BASE_DIR))  # the fixture holds one checkpoint
+    with pytest.raises(NanosaeError, match="no chatsft_checkpoints"):
+        series(str(series_dir), "all", ("base", "sft"))
+
+
+def test_evolve_metrics_match_evaluate_and_correlations_match_dense(series_dir, hand_sae, tmp_path):
+    sae, sae_dir = hand_sae
+    summary, results, rows = run_series(series(str(series_dir)), lambda i: sae, tmp_path, CFG)
+    first, last = summary["checkpoints"][0], summary["checkpoints"][-1]
+    model, tok, _ = load_model(series_dir, 400)
+    ref = evaluate(sae, model, tok, rows, rows.numel(), ce_tokens=512, batch_size=4, progress=False)
+    m = ref["eval_result_metrics"]
+    assert last["explained_variance"] == pytest.approx(m["reconstruction_quality"]["explained_variance"], abs=1e-6)
+    assert last["l0"] == pytest.approx(m["sparsity"]["l0"])
+    assert last["ce_loss_score"] == pytest.approx(m["model_performance_preservation"]["ce_loss_score"], abs=1e-6)
+    # the noisier checkpoint is worse reconstructed and its latents agree less with the final one's
+    assert first["explained_variance"] < last["explained_variance"]
+    corr = torch.tensor(summary["latents"]["correlation"])
+    alive = torch.tensor(summary["latents"]["density"])[:, -1] > 0
+    assert (corr[alive, -1] == 1).all()
+    assert corr[alive, 0].median() < corr[alive, 2].median() < 1
+
+    # the correlation is Pearson's over the unmasked tokens, computed densely here
+    def latents(step):
+        m, _, _ = load_model(series_dir, step)
+        with torch.no_grad():
+            f = sae.encode(run_with_cache(m, rows, [sae.cfg.hook_name])[1][sae.cfg.hook_name]).flatten(0, 1)
+            return f[rows.flatten() != tok.get_bos_token_id()]
+
+    a, b = latents(100), latents(400)
+    both = (a.std(0) > 0) & (b.std(0) > 0)
+    assert both.sum() > 100
+    dense = torch.tensor([torch.corrcoef(torch.stack([a[:, i], b[:, i]]))[0, 1] for i in both.nonzero().flatten()])
+    assert corr[both, 0] == pytest.approx(dense, abs=2e-3)
+    assert len(summary["appear"]) + len(summary["vanish"]) + len(summary["change_most"]) > 0
+
+
+def test_evolve_continues_after_an_interruption(series_dir, hand_sae, tmp_path, monkeypatch):
+    import nanosae.evolve as ev
+
+    sae, _ = hand_sae
+    real, calls = ev.measure, []
+
+    def interrupted(*a, **k):
+        calls.append(k.get("desc") or a[-1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_series(series(str(series_dir)), lambda i: sae, tmp_path, CFG)
+    done = sorted(p.stem for p in (tmp_path / "checkpoints").glob("*.safetensors"))
+    assert len(done) == 2  # the reference (the last) and the first
+    calls.clear()
+    monkeypatch.setattr(ev, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again, _, _ = run_series(series(str(series_dir)), lambda i: sae, tmp_path, CFG)
+    assert len(calls) == 2  # only the two checkpoints not done
+    fresh, _, _ = run_series(series(str(series_dir)), lambda i: sae, tmp_path / "fresh", CFG)
+    assert again["latents"] == fresh["latents"]
+    assert again["checkpoints"] == fresh["checkpoints"]
+
+
+def test_evolve_command_writes_json_plot_and_a_linked_page(series_dir, hand_sae, tmp_path, capsys):
+    from nanosae.cli import main
+
+    _, sae_dir = hand_sae
+    dash = tmp_path / "dash"
+    (dash / "data").mkdir(parents=True)
+    (dash / "index.html").write_text("<html></html>")
+    out = tmp_path / "ev"
+    args = ["evolve", "--sae", str(sae_dir), "--model", str(series_dir), "--steps", "100,300,400"]
+    args += ["--tokens", "1024", "--batch-size", "4", "--context-size", "64", "--out", str(out)]
+    assert main(args + ["--dashboard", str(dash)]) == 0
+    summary = json.loads((out / "evolve.json").read_text())
+    assert [c["step"] for c in summary["checkpoints"]] == [100, 300, 400]
+    assert (out / "evolve.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "index.html").read_text()
+    assert "base-000300" in page and "<script" not in page and "../dash/index.html#/f/" in page
+    pages = (dash / "data" / "pages.js").read_text()
+    assert "../ev/index.html" in pages
+    assert "base-000100" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "100,999"], "no step 999"),
+        (["--model", str(BASE_DIR)], "evolve needs two or more"),
+    ],
+)
+def test_evolve_command_bad_input_is_one_line(series_dir, hand_sae, tmp_path, capsys, extra, message):
+    from nanosae.cli import main
+
+    args = ["evolve", "--sae", str(hand_sae[1]), "--model", str(series_dir), "--out", str(tmp_path), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
