@@ -494,6 +494,43 @@ def _evolve_flags(p: argparse.ArgumentParser) -> None:
     _add_config_flags(g, SAETrainConfig, only=("arch", "k", "expansion", "d_sae", "lr", "target_l0", "sparsity_coeff"))
 
 
+def cmd_compare(args) -> None:
+    from .compare import check_same_site, compare, format_compare
+    from .fileio import atomic_write_json
+    from .sae import load_sae
+
+    a, b = load_sae(args.sae_a), load_sae(args.sae_b)
+    check_same_site(a, b)  # before any model loads
+    models, rows, specials = None, None, ()
+    if args.model:
+        from .checkpoint import load_model
+        from .data import token_tensor
+        from .evaluate import special_token_ids
+
+        model_a, tok, _ = _load(args)
+        model_b = model_a
+        if args.model_b or args.step_b is not None:
+            model_b, _, _ = load_model(args.model_b or args.model, args.step_b, phase=args.phase, device=args.device)
+        T = min(128, model_a.config.sequence_len)
+        rows = token_tensor(tok, None if args.data == "builtin" else args.data, T, "val", -(-args.tokens // T))
+        models, specials = (model_a, model_b), special_token_ids(tok)
+    result = compare(a, b, models, rows, specials)
+    print(format_compare(result))
+    atomic_write_json(args.json, result)
+    print(f"wrote {args.json}")
+
+
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae_a", help="the first SAE (" + SAE_HELP + ")")
+    p.add_argument("sae_b", help="the second SAE, at the same site")
+    _model_args(p, required=False)
+    p.add_argument("--model-b", default=None, help="the model B's latents are read on (default: --model)")
+    p.add_argument("--step-b", type=int, default=None, help="checkpoint step for B (default: --step's)")
+    p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or dir, or builtin")
+    p.add_argument("--tokens", type=_token_count, default=32_768, help="tokens for the activation correlation")
+    p.add_argument("--json", default="compare.json", help="result path")
+
+
 def _steers(args) -> list:
     from .runtime import parse_steer
 
@@ -809,6 +846,12 @@ COMMANDS = [
         "one SAE over a model's checkpoints, or a chain of SAEs trained along them (--chain)",
         _evolve_flags,
         cmd_evolve,
+    ),
+    (
+        "compare",
+        "match the latents of two SAEs at one site (decoder cosine, optimal matching, activation correlation)",
+        _compare_flags,
+        cmd_compare,
     ),
     ("viz", "write a self-contained HTML dashboard of every latent (opens from file://)", _viz_flags, cmd_viz),
     ("export", "export for Neuronpedia, or upload an export", _export_flags, None),
