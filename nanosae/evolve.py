@@ -581,9 +581,13 @@ def _chain_configs(
 
         def stream_fn(state, tc=tc):
             model, tok, _ = load_model(tc.model, device=tc.device, tokenizer_dir=tc.tokenizer)
+            seq_len = tc.seq_len or model.config.sequence_len
+            # a short fine-tune need not forward the default 256k-token shuffle buffer first
+            buffer = min(1 << 18, max(tc.tokens, tc.batch_size, seq_len))
             return model_stream(
-                model, tok, tc.site, tc.data, tc.batch_size, seq_len=tc.seq_len, seed=tc.seed, state=state
-            )
+                model, tok, tc.site, tc.data, tc.batch_size, seq_len=seq_len, seed=tc.seed, state=state,
+                buffer_tokens=buffer,
+            )  # fmt: skip
 
         configs.append(tc)
         fns.append(stream_fn)

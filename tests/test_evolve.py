@@ -146,3 +146,26 @@ def test_evolve_command_bad_input_is_one_line(series_dir, hand_sae, tmp_path, ca
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_evolve_chain_trains_along_the_series_and_reuses_what_is_done(series_dir, tmp_path, capsys):
+    from nanosae.cli import main
+    from nanosae.sae import load_sae
+
+    out = tmp_path / "chain"
+    args = ["evolve", "--chain", "--model", str(series_dir), "--steps", "100,200,400", "--out", str(out)]
+    args += ["--train-tokens", "8k", "--chain-tokens", "4k", "--train-batch-size", "1024", "--expansion", "2"]
+    args += ["--k", "8", "--tokens", "1024", "--batch-size", "4", "--context-size", "64"]
+    assert main(args) == 0
+    summary = json.loads((out / "evolve.json").read_text())
+    chain = summary["chain"]
+    saes = [load_sae(f) for f in chain["folders"]]
+    assert [s.cfg.hook_name for s in saes] == ["blocks.2.resid_post"] * 3  # the middle layer of 4
+    assert len(chain["born"]) == 256 and len(chain["drift"][0]) == 2
+    # each link starts from the one before: decoder rows move little over a short fine-tune
+    assert torch.tensor(chain["cos_to_last"])[:, 1].median() > 0.8
+    assert "latents born per checkpoint" in capsys.readouterr().out
+    stamps = [(Path(f) / "checkpoint.pt").stat().st_mtime_ns for f in chain["folders"]]
+    assert main(args) == 0  # nothing left to train or measure
+    assert stamps == [(Path(f) / "checkpoint.pt").stat().st_mtime_ns for f in chain["folders"]]
+    assert json.loads((out / "evolve.json").read_text())["chain"]["born"] == chain["born"]
