@@ -88,21 +88,23 @@ def test_init_from_refuses_another_site_or_width(tmp_path):
         train(cfg, lambda state: _Stream(torch.randn(512, 16), 256), progress=False)
 
 
-def test_init_from_command_takes_the_saes_recipe_and_site(hand_sae, tmp_path, capsys):
+def test_init_from_command_takes_the_saes_recipe(hand_sae, tmp_path, capsys):
     from pathlib import Path
 
     from nanosae.cli import main
-
-    model = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
-    _, sae_dir = hand_sae
-    run = ["train", "--model", str(model), "--init-from", str(sae_dir), "--tokens", "1024", "--batch-size", "512"]
-    assert main([*run, "--out", str(tmp_path / "ok")]) == 0
     from nanosae.sae import load_sae
 
+    model = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
+    for layer in (1, 2):  # small caches: streaming from the model would first fill a 256k-token shuffle buffer
+        collect = ["collect", "--model", str(model), "--layer", str(layer), "--tokens", "2k", "--seq-len", "64"]
+        assert main([*collect, "--out", str(tmp_path / f"acts{layer}")]) == 0
+    _, sae_dir = hand_sae
+    run = ["train", "--init-from", str(sae_dir), "--tokens", "1024", "--batch-size", "512"]
+    assert main([*run, "--activations", str(tmp_path / "acts2"), "--out", str(tmp_path / "ok")]) == 0
     out = load_sae(tmp_path / "ok")
     assert (out.cfg.hook_name, out.cfg.d_sae, out.cfg.k) == ("blocks.2.resid_post", 256, 16)
     capsys.readouterr()
-    assert main([*run, "--layer", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert main([*run, "--activations", str(tmp_path / "acts1"), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "reads blocks.2.resid_post but this run trains on blocks.1.resid_post" in err and len(err.splitlines()) == 1
 
@@ -117,3 +119,18 @@ def test_chain_finds_where_planted_atoms_are_born(tmp_path):
     assert s["early_born_right"] >= 0.9, s
     born = torch.tensor(report["born"])
     assert (born == 0).sum() >= 20 and (born > 0).sum() <= 12  # births are rare: most latents are there from the start
+
+
+def test_init_from_flags_default_to_the_saes_site_and_recipe(hand_sae):
+    from nanosae.cli import _train_config, build_parser
+
+    _, sae_dir = hand_sae
+    args = build_parser().parse_args(["train", "--model", "m", "--init-from", str(sae_dir), "--out", "o"])
+    cfg = _train_config(args)
+    assert cfg.site == "blocks.2.resid_post" and cfg.init_from == str(sae_dir)
+    assert [(s.arch, s.d_sae, s.k) for s in cfg.saes] == [("topk", 256, 16)]
+    args = build_parser().parse_args(
+        ["train", "--model", "m", "--init-from", str(sae_dir), "--layer", "1", "--lr", "1e-3", "--out", "o"]
+    )
+    cfg = _train_config(args)  # flags given win; a wrong site is refused once the stream is known
+    assert cfg.site == "blocks.1.resid_post" and cfg.saes[0].lr == 1e-3
