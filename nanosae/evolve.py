@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import PHASE_DIRS, checkpoint_steps, load_model, resolve
@@ -103,37 +104,46 @@ def series(model: str, steps: str = "all", phases: tuple[str, ...] = ("base",)) 
 
 
 class _Latents:
-    """Per-latent sums over one checkpoint's pass: activation sum and sum of squares, the best token of each of
-    the last top_n batches that beat the others, and the cross-sum with the reference's sparse latents."""
+    """Per-latent sums over one checkpoint's pass, from the active latents of each token: activation sum and sum
+    of squares, the best token of each of the top_n batches where it peaked highest, and the cross-sum with the
+    reference's sparse latents (for the correlation)."""
 
     def __init__(self, d_sae: int, top_n: int, device: torch.device):
+        self.d_sae = d_sae
         self.sum = torch.zeros(d_sae, dtype=F64, device=device)
         self.sq = torch.zeros(d_sae, dtype=F64, device=device)
         self.cross = torch.zeros(d_sae, dtype=F64, device=device)
         self.top_val = torch.full((top_n, d_sae), -math.inf, device=device)
         self.top_pos = torch.full((top_n, d_sae), -1, dtype=torch.long, device=device)
 
-    def update(self, f: torch.Tensor, pos0: int, ref: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """f: (n, d_sae) latents of n tokens (0 at masked ones) starting at flat token position pos0; ref: the
-        reference's (values, ids) of the same tokens."""
-        self.sum += f.sum(0, dtype=F64).to(self.sum.device)
-        self.sq += f.pow(2).sum(0, dtype=F64).to(self.sq.device)
-        if ref is not None:
-            vals, ids = (t.to(f.device) for t in ref)
-            prod = (f.gather(1, ids) * vals).flatten().to(F64)
-            self.cross.index_add_(0, ids.flatten().to(self.cross.device), prod.to(self.cross.device))
-        v, p = f.max(0)
-        vals = torch.cat([self.top_val, v[None].to(self.top_val)])
-        pos = torch.cat([self.top_pos, (p + pos0)[None].to(self.top_pos)])
-        self.top_val, order = vals.topk(self.top_val.shape[0], dim=0)
-        self.top_pos = pos.gather(0, order)
+    def update(self, vals: torch.Tensor, ids: torch.Tensor, pos0: int, ref: tuple | None) -> None:
+        """vals, ids: (n, w) active latents of n tokens (0 at masked tokens and padding) starting at flat token
+        position pos0; ref: the reference's (values, ids) of the same tokens."""
+        dev = self.sum.device
+        vals, ids = vals.to(dev), ids.to(dev)
+        v, i = vals.flatten(), ids.flatten()
+        self.sum.index_add_(0, i, v.to(F64))
+        self.sq.index_add_(0, i, v.to(F64).pow(2))
+        if ref is not None:  # Σ f_ref f over tokens: this token's value of each of the reference's latents
+            rv, rid = (t.to(dev) for t in ref)
+            here = ((rid[:, :, None] == ids[:, None, :]) * vals[:, None, :]).sum(-1)  # (n, w_ref)
+            self.cross.index_add_(0, rid.flatten(), (rv * here).flatten().to(F64))
+        # this batch's peak of each latent and a token where it is reached
+        peak = torch.full((self.d_sae,), -math.inf, device=dev).scatter_reduce(0, i, v.float(), "amax")
+        tok = torch.arange(len(vals), device=dev)[:, None].expand_as(vals).flatten() + pos0
+        hit = (v > 0) & (v == peak[i])
+        pos = torch.full((self.d_sae,), -1, dtype=torch.long, device=dev).scatter_(0, i[hit], tok[hit])
+        peak = torch.where(pos >= 0, peak, -math.inf)
+        vals_all = torch.cat([self.top_val, peak[None]])
+        self.top_val, order = vals_all.topk(self.top_val.shape[0], dim=0)
+        self.top_pos = torch.cat([self.top_pos, pos[None]]).gather(0, order)
 
 
 def _sparse(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The active latents of each token of f (n, d_sae): (values, ids), each (n, max active), zero-padded."""
+    """The active latents of each token of f (..., d_sae): (values, ids), each (..., max active), zero-padded."""
     width = max(1, int((f != 0).sum(-1).max()))
-    vals, ids = f.abs().topk(width, dim=-1)
-    return f.gather(1, ids), ids
+    ids = f.abs().topk(width, dim=-1).indices
+    return f.gather(-1, ids), ids
 
 
 @torch.no_grad()
@@ -150,8 +160,9 @@ def measure(
     desc: str = "",
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """One pass of `sae` spliced into / reading `model` over the token rows: (metrics, per-latent tensors). The
-    first ce_rows rows also get the CE/KL forwards (clean, spliced, zero-ablated). ref: the reference checkpoint's
-    sparse latents of every token of rows (flat), for the correlation; keep_codes: return this pass's own."""
+    first ce_rows rows also get the CE/KL forwards (clean, spliced, zero-ablated); the others a forward stopped
+    at the site and a sparse encode and decode (no dense latents). ref: the reference checkpoint's sparse latents
+    of every token of rows (flat), for the correlation; keep_codes: return this pass's own."""
     site = sae_site(model, sae)
     device, acc = model.device, _acc_device(model.device)
     sae = sae.to(device)
@@ -165,18 +176,23 @@ def measure(
         keep = ~torch.isin(idx, special)
         if start < ce_rows:
             s = _ce_batch(model, idx, keep, ce, site, sae=sae, ablate=True)
-            x, f, xh = s["x"], s["f"], s["xh"]
+            x, xh = s["x"], s["xh"]
+            vals, ids = _sparse(s["f"])
         else:
             _, acts = run_with_cache(model, idx, [site])
             x = acts[site]
-            f = sae.encode(x)
-            xh = sae.decode(f)
-        stats.update(x, f, xh, keep)
-        f = (f.float() * keep[..., None]).flatten(0, 1)
+            vals, ids = sae.encode_sparse(x)
+            flat = F.embedding_bag(ids.flatten(0, 1), sae.W_dec, per_sample_weights=vals.flatten(0, 1), mode="sum")
+            xh = flat.view(*ids.shape[:-1], -1) + sae.b_dec
+        stats.update(x, (vals, ids), xh, keep)
+        vals = (vals.float() * keep[..., None]).flatten(0, 1)
+        ids = ids.flatten(0, 1)
         pos0 = start * T
-        lat.update(f, pos0, None if ref is None else (ref[0][pos0 : pos0 + len(f)], ref[1][pos0 : pos0 + len(f)]))
+        lat.update(
+            vals, ids, pos0, None if ref is None else (ref[0][pos0 : pos0 + len(ids)], ref[1][pos0 : pos0 + len(ids)])
+        )
         if keep_codes:
-            codes.append(tuple(t.cpu() for t in _sparse(f)))
+            codes.append((vals.cpu(), ids.cpu()))
     r = stats.metrics()
     n = stats.n.item()
     density = (stats.fired / n).float().cpu()
@@ -202,8 +218,8 @@ def measure(
     }
     if keep_codes:
         width = max(v.shape[1] for v, _ in codes)
-        t["code_val"] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) for v, _ in codes])
-        t["code_id"] = torch.cat([torch.nn.functional.pad(i, (0, width - i.shape[1])) for _, i in codes])
+        t["code_val"] = torch.cat([F.pad(v, (0, width - v.shape[1])) for v, _ in codes])
+        t["code_id"] = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, i in codes])
     return metrics, t
 
 

@@ -169,3 +169,17 @@ def test_evolve_chain_trains_along_the_series_and_reuses_what_is_done(series_dir
     assert main(args) == 0  # nothing left to train or measure
     assert stamps == [(Path(f) / "checkpoint.pt").stat().st_mtime_ns for f in chain["folders"]]
     assert json.loads((out / "evolve.json").read_text())["chain"]["born"] == chain["born"]
+
+
+def test_stats_from_sparse_latents_equal_the_dense_ones():
+    from nanosae.evaluate import _Stats
+    from nanosae.evolve import _sparse
+
+    f = torch.relu(torch.randn(3, 10, 40)) * (torch.rand(3, 10, 40) < 0.2)
+    x, xh = torch.randn(3, 10, 8), torch.randn(3, 10, 8)
+    keep = torch.rand(3, 10) < 0.8
+    dense, sparse = _Stats(8, 40, torch.device("cpu")), _Stats(8, 40, torch.device("cpu"))
+    dense.update(x, f, xh, keep)
+    sparse.update(x, _sparse(f), xh, keep)
+    assert torch.equal(dense.fired, sparse.fired) and torch.equal(dense.fired_prompts, sparse.fired_prompts)
+    assert dense.metrics() == pytest.approx(sparse.metrics())
