@@ -183,3 +183,32 @@ def test_stats_from_sparse_latents_equal_the_dense_ones():
     sparse.update(x, _sparse(f), xh, keep)
     assert torch.equal(dense.fired, sparse.fired) and torch.equal(dense.fired_prompts, sparse.fired_prompts)
     assert dense.metrics() == pytest.approx(sparse.metrics())
+
+
+def test_dashboard_header_links_registered_pages_as_text(d4, browser, tmp_path):
+    from nanosae.dashboard import register_page, write_dashboard
+    from nanosae.data import token_rows
+    from nanosae.features import FeatureConfig, compute_features
+    from nanosae.sae import SAE, SAEConfig
+
+    model, tok, _ = d4
+    sae = SAE(SAEConfig(architecture="topk", d_in=128, d_sae=16, k=4, hook_name="blocks.2.resid_post"))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(128, 16) / 128**0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    rows = [r for r, _ in zip(token_rows(tok, None, 32), range(8))]
+    cfg = FeatureConfig(n_tokens=8 * 32, seq_len=32, top_k=4, interval_samples=2)
+    stats = compute_features(model, tok, sae, [torch.tensor(rows)], cfg, progress=False)
+    index = write_dashboard(stats, tmp_path / "dash", progress=False)
+    title = '<img src=x onerror="window.__pwned=1"> evolve'
+    register_page(tmp_path / "dash", title, "../ev/index.html")
+    write_dashboard(stats, tmp_path / "dash", progress=False)  # viz again: the link stays
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(index.as_uri())
+    page.wait_for_selector("#latents tbody tr")
+    link = page.locator("header a", has_text="evolve")
+    assert link.inner_text() == title and link.get_attribute("href") == "../ev/index.html"
+    assert page.evaluate("window.__pwned") is None and errors == []
+    page.close()
