@@ -309,7 +309,7 @@ def run_series(
     ref_i = cfg.reference % len(ckpts)
     order = [ref_i] + [i for i in range(len(ckpts)) if i != ref_i] if correlate else list(range(len(ckpts)))
     results: dict[int, tuple[dict, dict]] = {}
-    ref = None
+    ref = ref_key = None
     for i in tqdm(order, desc="checkpoints", unit="ckpt"):
         c = ckpts[i]
         files = resolve(c.path, tokenizer_dir=tokenizer_dir)
@@ -335,7 +335,7 @@ def run_series(
             "rows": _rows_digest(rows),
             "ce_rows": _ce_rows(cfg, rows),
             "top_n": cfg.top_n,
-            "reference": None if not correlate or is_ref else ckpts[ref_i].path,
+            "reference": None if not correlate or is_ref else ref_key,  # the reference's own key: its results
             "codes": is_ref,
         }
         path = out / "checkpoints" / f"{c.label}.safetensors"
@@ -351,7 +351,7 @@ def run_series(
             saved = metrics, t
         results[i] = saved
         if is_ref:
-            ref = saved[1]
+            ref, ref_key = saved[1], hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         del model
     return _summary(ckpts, results, ref_i if correlate else None, rows, cfg), results, rows
 
