@@ -306,6 +306,10 @@ def run_series(
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
     tok_sha, rows, specials = None, None, None
+    if not -len(ckpts) <= cfg.reference < len(ckpts):
+        raise NanosaeError(
+            f"--reference {cfg.reference}: the series has checkpoints 0..{len(ckpts) - 1} (-1: the last)"
+        )
     ref_i = cfg.reference % len(ckpts)
     order = [ref_i] + [i for i in range(len(ckpts)) if i != ref_i] if correlate else list(range(len(ckpts)))
     results: dict[int, tuple[dict, dict]] = {}

@@ -137,6 +137,7 @@ def test_evolve_command_writes_json_plot_and_a_linked_page(series_dir, hand_sae,
     [
         (["--steps", "100,999"], "no step 999"),
         (["--model", str(BASE_DIR)], "evolve needs two or more"),
+        (["--reference", "7"], "checkpoints 0..3"),
     ],
 )
 def test_evolve_command_bad_input_is_one_line(series_dir, hand_sae, tmp_path, capsys, extra, message):
