@@ -278,6 +278,8 @@ def _train_config(args):
     from .train import TrainConfig
 
     saes, seen = [], set()
+    if args.init_from:
+        _init_from_defaults(args)
     for arch, k, expansion, coeff in itertools.product(*(getattr(args, name) for name in SWEEP)):
         topk = arch in ("topk", "batchtopk")
         target = args.target_l0 is not None  # it sets k, and λ only starts at the coefficient
@@ -301,6 +303,22 @@ def _train_config(args):
         data=None if args.data == "builtin" else args.data,
         activations=args.activations or "",
     )
+
+
+def _init_from_defaults(args) -> None:
+    """train --init-from: the SAE flags not given take the SAE's recipe, and --layer/--site its site."""
+    import dataclasses
+
+    from .sae import SAETrainConfig, load_sae, recipe_of
+
+    init = load_sae(args.init_from)
+    recipe = recipe_of(init)
+    for f in dataclasses.fields(SAETrainConfig):
+        if f.name not in args.given and f.name != "name":
+            value = getattr(recipe, f.name)
+            setattr(args, f.name, [value] if f.name in SWEEP else value)
+    if not args.given & {"layer", "site", "activations"} and init.cfg.hook_name:
+        args.layer, args.site = None, init.cfg.hook_name
 
 
 def _resume_config(args):
@@ -424,6 +442,103 @@ def cmd_train(args) -> None:
             eval_fn = make_train_eval(model, tok, cfg.data, n_tokens=8192)
 
         train(cfg, stream_fn, eval_fn=eval_fn, resume=args.resume)
+
+
+def cmd_evolve(args) -> None:
+    from .evolve import EvolveConfig, evolve
+    from .sae import sae_folder
+
+    cfg = _from_flags(EvolveConfig, args)
+    chain = _chain_config(args) if args.chain else None
+    out = args.out or (sae_folder(args.sae) / "evolve" if args.sae and not args.chain else "evolve-chain")
+    data = None if args.data == "builtin" else args.data
+    evolve(args.model, args.sae, out, cfg, data, args.tokenizer, chain, args.dashboard)
+
+
+def _chain_config(args):
+    """evolve --chain: the TrainConfig of the chain's first SAE (the SAE flags, or --sae's recipe to go on from)."""
+    from .checkpoint import read_meta, resolve
+    from .sae import SAETrainConfig, load_sae, recipe_of
+    from .train import TrainConfig
+
+    init = load_sae(args.sae) if args.sae else None
+    recipe = recipe_of(init) if init else _from_flags(SAETrainConfig, args, name="")
+    if args.layer is not None:
+        site = _site(args)
+    elif init is not None:
+        site = init.cfg.hook_name
+    else:  # the middle layer, as demo picks
+        n_layer = read_meta(resolve(args.model, phase=args.phases[0]).meta)["model_config"]["n_layer"]
+        args.layer = n_layer // 2
+        site = _site(args)
+    return TrainConfig(
+        saes=[recipe],
+        tokens=args.train_tokens,
+        batch_size=args.train_batch_size,
+        site=site,
+        data=None if args.data == "builtin" else args.data,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+def _evolve_flags(p: argparse.ArgumentParser) -> None:
+    from .evolve import EvolveConfig
+    from .sae import SAETrainConfig
+
+    p.add_argument("--sae", default=None, help=SAE_HELP + "; with --chain, the SAE the chain starts from")
+    p.add_argument("--model", required=True, help="a nanochat base dir or checkpoint folder holding the series")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: <base>/tokenizer)")
+    p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or dir, or builtin")
+    p.add_argument("--out", default=None, help="output folder (default: <SAE>/evolve, or evolve-chain with --chain)")
+    p.add_argument("--dashboard", default=None, help="a nanosae viz folder whose header will link the page")
+    _add_config_flags(p, EvolveConfig, split={"choices": ["train", "val", "all"]})
+    g = p.add_argument_group("--chain: train an SAE on the first checkpoint, fine-tune it along the series")
+    g.add_argument("--chain", action="store_true", help="train a chain of SAEs (SAE-Track) instead of following one")
+    g.add_argument("--layer", type=int, default=None, help="block of the site (default: --sae's, else the middle)")
+    g.add_argument("--site", default="resid_post", help="site kind or full site name")
+    g.add_argument("--train-tokens", type=_token_count, default=2_000_000, help="the first SAE's training tokens")
+    g.add_argument("--train-batch-size", type=int, default=4096, help="activations per training step")
+    g.add_argument("--seed", type=int, default=0)
+    _add_config_flags(g, SAETrainConfig, only=("arch", "k", "expansion", "d_sae", "lr", "target_l0", "sparsity_coeff"))
+
+
+def cmd_compare(args) -> None:
+    from .compare import check_same_site, compare, format_compare
+    from .fileio import atomic_write_json
+    from .sae import load_sae
+
+    a, b = load_sae(args.sae_a), load_sae(args.sae_b)
+    check_same_site(a, b)  # before any model loads
+    models, rows, specials = None, None, ()
+    if args.model:
+        from .checkpoint import load_model
+        from .data import token_tensor
+        from .evaluate import special_token_ids
+
+        model_a, tok, _ = _load(args)
+        model_b = model_a
+        if args.model_b or args.step_b is not None:
+            model_b, _, _ = load_model(args.model_b or args.model, args.step_b, phase=args.phase, device=args.device)
+        T = min(128, model_a.config.sequence_len)
+        rows = token_tensor(tok, None if args.data == "builtin" else args.data, T, "val", -(-args.tokens // T))
+        models, specials = (model_a, model_b), special_token_ids(tok)
+    result = compare(a, b, models, rows, specials)
+    print(format_compare(result))
+    atomic_write_json(args.json, result)
+    print(f"wrote {args.json}")
+
+
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae_a", help="the first SAE (" + SAE_HELP + ")")
+    p.add_argument("sae_b", help="the second SAE, at the same site")
+    _model_args(p, required=False)
+    p.add_argument("--model-b", default=None, help="the model B's latents are read on (default: --model)")
+    p.add_argument("--step-b", type=int, default=None, help="checkpoint step for B (default: --step's)")
+    p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or dir, or builtin")
+    p.add_argument("--tokens", type=_token_count, default=32_768, help="tokens for the activation correlation")
+    p.add_argument("--json", default="compare.json", help="result path")
 
 
 def _steers(args) -> list:
@@ -742,6 +857,18 @@ COMMANDS = [
         "local web app: streaming chat, per-token latents, steering, search (default: the tiny chat model)",
         _serve_flags,
         cmd_serve,
+    ),
+    (
+        "evolve",
+        "one SAE over a model's checkpoints, or a chain of SAEs trained along them (--chain)",
+        _evolve_flags,
+        cmd_evolve,
+    ),
+    (
+        "compare",
+        "match the latents of two SAEs at one site (decoder cosine, optimal matching, activation correlation)",
+        _compare_flags,
+        cmd_compare,
     ),
     ("viz", "write a self-contained HTML dashboard of every latent (opens from file://)", _viz_flags, cmd_viz),
     ("export", "export for Neuronpedia, or upload an export", _export_flags, None),

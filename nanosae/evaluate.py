@@ -73,16 +73,29 @@ class _Stats:
             self.s[k] = self.s[k] + v if k in self.s else v
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, f: torch.Tensor, xh: torch.Tensor, keep: torch.Tensor) -> None:
-        """x, xh: (B, T, d_in), f: (B, T, d_sae) of one batch; keep: (B, T), False at masked tokens."""
-        keep, f = keep.to(self.device), f.to(self.device)
+    def update(self, x: torch.Tensor, f, xh: torch.Tensor, keep: torch.Tensor) -> None:
+        """x, xh: (B, T, d_in), f: (B, T, d_sae) of one batch, or its active latents as (values, ids), each
+        (B, T, n), zero-padded (SAE.encode_sparse); keep: (B, T), False at masked tokens."""
+        keep = keep.to(self.device)
         # SAEBench's L0 counts f != 0 and its density f > 0: the same events where f >= 0 (every architecture that
         # ends in a ReLU), so one boolean pass serves both; the signed ones (topk_signed, gated_signed) fire when f != 0
-        fired = f != 0
-        fired &= keep[..., None]
-        counts = fired.sum((0, 1))
+        if isinstance(f, tuple):
+            vals, ids = (t.to(self.device) for t in f)
+            fired = (vals != 0) & keep[..., None]
+            ids = ids[fired]
+            counts = torch.zeros_like(self.fired).index_add_(0, ids, torch.ones_like(ids, dtype=F64))
+            prompt = torch.arange(len(vals), device=self.device)[:, None, None].expand_as(vals)[fired]
+            pairs = (prompt * len(self.fired) + ids).unique()  # (prompt, latent) pairs that fired
+            self.fired_prompts += torch.bincount(pairs % len(self.fired), minlength=len(self.fired))
+            l1_per_token = vals.sum(-1).flatten()
+        else:
+            f = f.to(self.device)
+            fired = f != 0
+            fired &= keep[..., None]
+            counts = fired.sum((0, 1))
+            self.fired_prompts += fired.any(1).sum(0)
+            l1_per_token = f.sum(-1).flatten()
         self.fired += counts
-        self.fired_prompts += fired.any(1).sum(0)
         k = keep.flatten()
 
         def kept_sum(per_token: torch.Tensor) -> torch.Tensor:
@@ -105,7 +118,7 @@ class _Stats:
         self.n, self.batches = self.n + nb, self.batches + (nb > 0)
         self._add(
             l0=counts.sum().to(F64),
-            l1=kept_sum(f.sum(-1).flatten()),  # SAEBench takes no abs (the same for f >= 0)
+            l1=kept_sum(l1_per_token),  # SAEBench takes no abs (the same for f >= 0)
             sse=sse_b,
             cos=kept_sum(dot / (norm_in * norm_out).clamp_min(1e-8)),
             norm_in=kept_sum(norm_in),

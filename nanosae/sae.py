@@ -716,6 +716,28 @@ class TrainingSAE(nn.Module):
         sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
         return sae
 
+    @torch.no_grad()
+    def load_inference(self, sae: SAE) -> None:
+        """Start from an inference SAE (to fine-tune it): the inverse of to_inference at this SAE's input scale c
+        (set from a sample first), so this SAE computes what `sae` computes on c x, scaled by c."""
+        if sae.cfg.architecture != self.inference_architecture or (sae.cfg.d_in, sae.cfg.d_sae) != (
+            self.d_in,
+            self.d_sae,
+        ):
+            raise NanosaeError(
+                f"the SAE to start from is {sae.cfg.architecture} {sae.cfg.d_in}x{sae.cfg.d_sae}, this run trains "
+                f"{self.cfg.arch} (saved as {self.inference_architecture}) {self.d_in}x{self.d_sae}; leave out "
+                "--arch/--k/--expansion/--d-sae so the run takes them from the SAE"
+            )
+        c = self.input_scale.item()
+        t = {k: v.detach().to(self.W_dec) for k, v in sae.state_dict().items()}
+        self.set_inference_tensors({k: v if k in ("W_enc", "W_dec", "r_mag") else v * c for k, v in t.items()})
+
+    def set_inference_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        """Set the parameters from tensors laid out as inference_tensors returns them."""
+        for name, v in t.items():
+            getattr(self, name).copy_(v)
+
 
 class StandardSAE(TrainingSAE):
     """ReLU + L1 (Anthropic 2023): f = relu((x - b_dec) W_enc + b_enc), L = |x - x_hat|^2 + λ |f|_1, with a
@@ -754,6 +776,10 @@ class AprilSAE(StandardSAE):
 
     def inference_tensors(self):  # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         return {**super().inference_tensors(), "b_enc": self.b_enc + self.b_dec @ self.W_enc}
+
+    def set_inference_tensors(self, t):
+        super().set_inference_tensors(t)
+        self.b_enc -= self.b_dec @ self.W_enc
 
 
 class TopKSAE(TrainingSAE):
@@ -890,6 +916,11 @@ class BatchTopKSAE(TopKSAE):
     def inference_tensors(self):
         return {**super().inference_tensors(), "threshold": self.threshold.clamp_min(0).expand(self.d_sae)}
 
+    def set_inference_tensors(self, t):
+        super().set_inference_tensors({k: v for k, v in t.items() if k != "threshold"})
+        self.threshold.fill_(t["threshold"].mean())
+        self.threshold_updates.fill_(math.ceil(1 / self.cfg.threshold_rate))  # the EMA goes on, not from scratch
+
 
 class GatedSAE(TrainingSAE):
     """Gated (Rajamanoharan et al. 2024): π_gate = (x - b_dec) W_enc + b_gate decides which latents fire,
@@ -1024,6 +1055,23 @@ TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
     "gated": GatedSAE,
     "jumprelu": JumpReLUSAE,
 }
+
+
+def recipe_of(sae: SAE) -> SAETrainConfig:
+    """The training recipe of a saved SAE (from its cfg.json's record; else its architecture's defaults), to
+    fine-tune it with."""
+    rec = sae.cfg.training or {}
+    names = {f.name for f in dataclasses.fields(SAETrainConfig)}
+    if "arch" in rec:
+        c = SAETrainConfig(**{k: v for k, v in rec.items() if k in names})
+        c.matryoshka = tuple(c.matryoshka)
+        if c.arch not in ("topk", "batchtopk") and rec.get("final_sparsity_coeff") is not None:
+            c.sparsity_coeff = rec["final_sparsity_coeff"]  # where a target_l0 run's λ ended
+        return c
+    arch = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated"}.get(sae.cfg.architecture)
+    if arch is None:
+        raise NanosaeError(f"a {sae.cfg.architecture} SAE cannot be fine-tuned (nanosae trains no such architecture)")
+    return SAETrainConfig(arch=arch, d_sae=sae.cfg.d_sae, k=sae.cfg.k or 32)
 
 
 def training_sae(cfg: SAETrainConfig, d_in: int) -> TrainingSAE:

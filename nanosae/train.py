@@ -70,6 +70,7 @@ class TrainConfig:
     data: str | None = None
     seq_len: int | None = None
     activations: str = ""
+    init_from: str = ""  # an SAE folder to fine-tune (its weights replace the fresh init): SAE-Track's chains
 
     @property
     def steps(self) -> int:
@@ -403,7 +404,8 @@ def read_checkpoint(out: str | Path) -> dict:
 
 def changed_settings(cfg: TrainConfig, ckpt: dict) -> list[str]:
     """The settings of cfg that differ from the checkpoint's, apart from those a resume may change (RESUMABLE)."""
-    saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE}
+    defaults = {k: v for k, v in TrainConfig().to_dict().items() if k != "saes"}  # fields newer than the checkpoint
+    saved = {k: v for k, v in {**defaults, **ckpt["config"]}.items() if k not in RESUMABLE}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
     return sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
 
@@ -562,7 +564,32 @@ def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, worl
         return trainer, stream, None
     first = _next_batch(stream, cfg, world)
     trainer.init(first)
+    if cfg.init_from:
+        _init_from(trainer, cfg, stream)
     return trainer, stream, first
+
+
+def _init_from(trainer: Trainer, cfg: TrainConfig, stream) -> None:
+    """Replace the fresh weights by the SAE in cfg.init_from (after the data-dependent init set the input scale)."""
+    from .hooks import canonical_site
+    from .sae import load_sae
+
+    sae = load_sae(cfg.init_from, cfg.device)
+    where = f"--init-from {cfg.init_from}"
+    if len(trainer.learners) > 1:
+        raise NanosaeError(f"{where} starts one SAE; train one per run (one --arch, --k, --expansion)")
+    site = getattr(stream, "site", "") or ""
+    if sae.cfg.hook_name and site and canonical_site(sae.cfg.hook_name) != canonical_site(site):
+        raise NanosaeError(
+            f"{where} reads {sae.cfg.hook_name} but this run trains on {site}; leave out --layer/--site (the run "
+            "then takes the SAE's site) or start from an SAE trained at that site"
+        )
+    if sae.cfg.d_in != stream.d_in:
+        raise NanosaeError(
+            f"{where} reads {sae.cfg.d_in}-wide activations but the stream is {stream.d_in} wide; fine-tune it on "
+            "a checkpoint of the model size it was trained on"
+        )
+    trainer.learners[0].sae.load_inference(sae)
 
 
 def _finish(trainer: Trainer, out: Path, meta: dict, eval_fn, log) -> list[SAE]:

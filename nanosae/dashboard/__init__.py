@@ -3,6 +3,7 @@
     out/index.html, app.js, style.css   the page and its code (copied from this package)
     out/data/index.js                   every latent's density, max, mean and top tokens (the index view)
     out/data/vocab.js, labels.js        token strings by id; labels
+    out/data/pages.js                   other pages linked from the header (pages.json: their list)
     out/data/chunk-N.js                 full details of latents [N*chunk, (N+1)*chunk), loaded on demand
 
 Browsers block fetch() from file:// pages, so data files are scripts that assign to a global and are added as
@@ -132,6 +133,7 @@ def write_dashboard(
     )
     _js(data / "vocab.js", "window.NANOSAE_VOCAB", stats.vocab)
     _js(data / "labels.js", "window.NANOSAE_LABELS", {str(k): v for k, v in sorted((labels or {}).items())})
+    _write_pages(data)
     for c in tqdm(range(0, D, chunk), desc="dashboard", unit="chunk", disable=not progress, leave=False):
         records = feature_records(stats, c, min(D, c + chunk))
         _js(
@@ -140,3 +142,18 @@ def write_dashboard(
             records,
         )
     return out / "index.html"
+
+
+def _write_pages(data: Path) -> None:
+    pages = json.loads((data / "pages.json").read_text()) if (data / "pages.json").is_file() else []
+    _js(data / "pages.js", "window.NANOSAE_PAGES", pages)
+
+
+def register_page(dashboard: str | os.PathLike, title: str, href: str) -> None:
+    """Link a page (href relative to the dashboard folder) from the dashboard's header; kept when viz rewrites it."""
+    data = Path(dashboard) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    pages = json.loads((data / "pages.json").read_text()) if (data / "pages.json").is_file() else []
+    pages = [p for p in pages if p["href"] != href] + [{"title": title, "href": href}]
+    atomic_write_text(data / "pages.json", json.dumps(pages, indent=1))
+    _write_pages(data)

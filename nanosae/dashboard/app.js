@@ -367,6 +367,9 @@
 
   document.getElementById('subtitle').textContent =
     `${META.model_name} · ${META.site} · ${N} latents (${META.architecture}) · ${META.n_tokens} tokens of ${META.dataset}`;
+  for (const page of window.NANOSAE_PAGES || []) {  // pages that link themselves here (nanosae evolve --dashboard)
+    document.querySelector('header').append(' · ', el('a', { href: page.href, text: page.title }));
+  }
   window.addEventListener('hashchange', route);
   route();
 })();
