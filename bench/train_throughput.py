@@ -5,7 +5,7 @@ Setup (peers.md 4.1): seeded synthetic activations from a sparse dictionary (409
 token Poisson(20) of them, clipped to [1, 64], drawn from p_i ∝ (i + 10)^-0.8, coefficients Exp(1) + 0.25; an
 offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam lr 2e-4 constant, fp32.
 --arch picks the architectures (comma-separated): topk, batchtopk, matryoshka (BatchTopK with prefixes 512 and
-2048), jumprelu, gated, standard, each with its defaults. The dense loop of each is its loss written densely (the
+2048; matryoshka_topk: TopK with them), jumprelu, gated, standard, each with its defaults. The dense loop of each is its loss written densely (the
 TopK family's reference_loss: dense (batch x d_sae) latents times the decoder; the others' own loss, which is
 dense), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised. Every implementation
 trains on the same batches in the same order, one step each per cycle (alternating the order) so that the drift
@@ -72,6 +72,7 @@ ARCHS = {
     "topk": {"arch": "topk"},
     "batchtopk": {"arch": "batchtopk"},
     "matryoshka": {"arch": "batchtopk", "matryoshka": (512, 2048)},
+    "matryoshka_topk": {"arch": "topk", "matryoshka": (512, 2048)},
     "jumprelu": {"arch": "jumprelu"},
     "gated": {"arch": "gated"},
     "standard": {"arch": "standard"},
@@ -268,14 +269,16 @@ def main() -> None:
         impls[arch, "nanosae"] = (trainer.step, trainer.learners[0].sae)
         impls[arch, "dense"] = (ref.step, ref.sae)
     times = {key: [] for key in impls}
+    cpu = {key: [] for key in impls}  # process CPU time: less swayed than wall time by other jobs on a shared machine
     gflops = []
     for i, x in enumerate(batches):
         order = list(impls) if i % 2 == 0 else list(impls)[::-1]
         for key in order:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             impls[key][0](x)
             if i >= warm:
                 times[key].append(time.perf_counter() - t)
+                cpu[key].append(time.process_time() - c)
         W = impls[archs[0], "dense"][1].W_enc.detach()
         gflops.append(encoder_gflops(x, W.t(), torch.zeros(D_SAE)))
 
@@ -284,21 +287,23 @@ def main() -> None:
     tok = {key: BATCH * len(t) / sum(t) for key, t in times.items()}
     print(f"floor: {floor:,.0f} tok/s (encoder matmul {2 * BATCH * D_IN * D_SAE / 1e9:.1f} GFLOP/step at {rate:.0f} "
           "GFLOP/s, median over cycles)")  # fmt: skip
-    print(f"{'arch':11s} {'nanosae tok/s':>13s} {'dense tok/s':>11s} {'ratio':>6s} {'per-cycle':>9s} {'% floor':>7s} "
-          f"{'x topk':>6s}  {'FVU nanosae / dense':>19s}  {'L0 nanosae / dense':>18s}")  # fmt: skip
+    print(f"{'arch':11s} {'nanosae tok/s':>13s} {'dense tok/s':>11s} {'ratio':>6s} {'per-cycle':>9s} {'cpu':>5s} "
+          f"{'% floor':>7s} {'x topk':>6s} {'cpu':>5s}  {'FVU nanosae / dense':>19s}  {'L0 nanosae / dense':>18s}")  # fmt: skip
     for arch in archs:
         ours, dense = (arch, "nanosae"), (arch, "dense")
         per_cycle = statistics.median(d / o for o, d in zip(times[ours], times[dense]))
-        vs_topk = (
-            f"{statistics.median(t / o for o, t in zip(times[ours], times['topk', 'nanosae'])):6.2f}"
-            if "topk" in archs else f"{'':6s}"
+        cpu_ratio = sum(cpu[dense]) / sum(cpu[ours])
+        vs_topk = "".join(
+            f" {statistics.median(t / o for o, t in zip(ts[ours], ts['topk', 'nanosae'])):5.2f}" if "topk" in archs
+            else f" {'':5s}"
+            for ts in (times, cpu)
         )  # fmt: skip
         (f_ours, l_ours), (f_dense, l_dense) = fvu_l0(impls[ours][1], held_out), fvu_l0(impls[dense][1], held_out)
         print(f"{arch:11s} {tok[ours]:13,.0f} {tok[dense]:11,.0f} {tok[ours] / tok[dense]:6.2f} {per_cycle:9.2f} "
-              f"{100 * tok[ours] / floor:6.0f}% {vs_topk}  {f_ours:9.4f} / {f_dense:.4f}  {l_ours:8.1f} / "
-              f"{l_dense:.1f}")  # fmt: skip
-    print("(ratio: nanosae tok/s / dense tok/s; per-cycle: median of dense / nanosae step time; x topk: median per "
-          "cycle of nanosae TopK step time / this step time)")  # fmt: skip
+              f"{cpu_ratio:5.2f} {100 * tok[ours] / floor:6.0f}% {vs_topk}  {f_ours:9.4f} / {f_dense:.4f}  "
+              f"{l_ours:8.1f} / {l_dense:.1f}")  # fmt: skip
+    print("(ratio: nanosae tok/s / dense tok/s; per-cycle: median of dense / nanosae step time; cpu: the same ratio "
+          "in process CPU time; x topk: median per cycle of nanosae TopK step time / this step time, wall and CPU)")  # fmt: skip
 
     if "topk" in archs:
         weights = (2 * D_SAE * D_IN + D_SAE + D_IN) * 4 / 2**20
