@@ -1,18 +1,25 @@
-"""TopK SAE training throughput: nanosae's trainer against a plain dense-decoder PyTorch TopK, in one process.
+"""SAE training throughput: nanosae's trainer against a plain dense PyTorch loop of the same architecture, in one
+process, and the encoder-matmul floor.
 
 Setup: seeded synthetic activations from a sparse dictionary (4096 unit directions in R^512; per
 token Poisson(20) of them, clipped to [1, 64], drawn from p_i ∝ (i + 10)^-0.8, coefficients Exp(1) + 0.25; an
-offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam lr 2e-4 constant, fp32. Both
-train on the same batches in the same order, one step each per cycle (alternating which goes first) so that the
-drift of a shared machine hits both alike; the first 2 cycles are warm-up. Each cycle also times the encoder
-matmul alone, which is the floor: with TopK it is the only dense work. FVU is measured on 16k held-out tokens
-after the same steps. Peak memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a
-fixed malloc mmap threshold, so freed tensors leave it) and the peak of the live tensors created by the steps,
-against the budget weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / reference
-tokens/s).
+offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam lr 2e-4 constant, fp32.
+--arch picks the architectures (comma-separated): topk, batchtopk, matryoshka (BatchTopK with prefixes 512 and
+2048; matryoshka_topk: TopK with them), jumprelu, gated, standard, each with its defaults. The dense loop of each is its loss written densely (the
+TopK family's reference_loss: dense (batch x d_sae) latents times the decoder; the others' own loss, which is
+dense), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised. Every implementation
+trains on the same batches in the same order, one step each per cycle (alternating the order) so that the drift
+of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times the encoder matmul alone,
+which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k held-out tokens after the
+same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among the architectures, peak
+memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a fixed malloc mmap
+threshold, so freed tensors leave it) and the peak of the live tensors created by the steps, against the budget
+weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / dense-loop tokens/s) of the
+first architecture.
 
-    python bench/train_throughput.py            # 32 steps (~3 min on 2 cores)
-    python bench/train_throughput.py --quick    # 8 steps, ~1 min
+    python bench/train_throughput.py                        # TopK, 32 steps (~3 min on 2 cores)
+    python bench/train_throughput.py --quick                # 8 steps, ~1 min
+    python bench/train_throughput.py --quick --arch topk,batchtopk,matryoshka,jumprelu,gated,standard
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nanosae.sae import SAETrainConfig, training_sae
+from nanosae.sae import JumpReLUSAE, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
 from nanosae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, LR = 512, 8192, 32, 4096, 2e-4
@@ -61,45 +68,75 @@ class Synthetic:
         return x + self.mu + 0.05 * torch.randn(n, D_IN, generator=g)
 
 
-class DenseTopK:
-    """The plain reference: the TopK loss as nanosae.sae defines it (TopKSAE.reference_loss: dense (batch x d_sae)
-    latents times the decoder, autograd), torch's Adam, the decoder's gradient projected and its rows renormalised."""
+ARCHS = {
+    "topk": {"arch": "topk"},
+    "batchtopk": {"arch": "batchtopk"},
+    "matryoshka": {"arch": "batchtopk", "matryoshka": (512, 2048)},
+    "matryoshka_topk": {"arch": "topk", "matryoshka": (512, 2048)},
+    "jumprelu": {"arch": "jumprelu"},
+    "gated": {"arch": "gated"},
+    "standard": {"arch": "standard"},
+}
 
-    def __init__(self, first: torch.Tensor):
+
+def recipe(arch: str) -> SAETrainConfig:
+    return SAETrainConfig(d_sae=D_SAE, k=K, lr=LR, **ARCHS[arch])
+
+
+class DenseLoop:
+    """The plain reference: the architecture's loss written densely (the TopK family's TopKSAE.reference_loss; the
+    others' own loss, dense already), autograd, torch's Adam, the decoder's gradient projected and its rows
+    renormalised, JumpReLU's threshold kept >= 0."""
+
+    def __init__(self, arch: str, first: torch.Tensor):
         torch.manual_seed(0)
-        self.sae = training_sae(SAETrainConfig(arch="topk", d_sae=D_SAE, k=K, lr=LR), D_IN)
+        self.sae = training_sae(recipe(arch), D_IN)
         self.sae.init_from_sample(first)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR)
+        self.sae.normalize_decoder()
+        c = self.sae.cfg
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, betas=(c.beta1, 0.999))
         self.dead = torch.zeros(D_SAE, dtype=torch.bool)  # none die in these few steps (nanosae's dead_tokens: 10M)
 
     def step(self, x):
-        self.sae.reference_loss(x, self.dead).backward()
-        self.sae.project_grads()
+        sae = self.sae
+        if isinstance(sae, TopKSAE):
+            loss = sae.reference_loss(x, self.dead)
+        else:
+            loss = sae.loss(x, self.dead, 1.0).loss
+        loss.backward()
+        sae.project_grads()
+        if sae.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), sae.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.sae.normalize_decoder()
-
-    @torch.no_grad()
-    def reconstruct(self, x):
-        f = self.sae.encode(x)
-        return f @ self.sae.W_dec + self.sae.b_dec, f
+        sae.normalize_decoder()
+        if isinstance(sae, JumpReLUSAE):
+            with torch.no_grad():
+                sae.threshold.clamp_(min=0.0)
 
 
-def nanosae_trainer(steps: int) -> Trainer:
-    sae = SAETrainConfig(arch="topk", d_sae=D_SAE, k=K, lr=LR)
+def nanosae_trainer(steps: int, arch: str = "topk") -> Trainer:
     cfg = TrainConfig(
-        saes=[sae], tokens=steps * BATCH, batch_size=BATCH, lr_warmup_steps=0, lr_decay_frac=0.0, dead_tokens=10**7
+        saes=[recipe(arch)],
+        tokens=steps * BATCH,
+        batch_size=BATCH,
+        lr_warmup_steps=0,
+        lr_decay_frac=0.0,
+        dead_tokens=10**7,
     )
     return Trainer(cfg, D_IN)
 
 
-def fvu_l0(reconstruct, x: torch.Tensor) -> tuple[float, float]:
+@torch.no_grad()
+def fvu_l0(sae: TrainingSAE, x: torch.Tensor) -> tuple[float, float]:
+    """FVU and L0 of a training SAE on x, through its own encode (BatchTopK: over each 4096-token batch)."""
+    xs = x * sae.input_scale
     sse, l0 = 0.0, 0.0
-    for chunk in x.split(2048):
-        x_hat, f = reconstruct(chunk)
-        sse += (x_hat - chunk).pow(2).sum().item()
-        l0 += (f > 0).sum().item()
-    return sse / (x - x.mean(0)).pow(2).sum().item(), l0 / len(x)
+    for chunk in xs.split(BATCH):
+        f = sae.encode(chunk)
+        sse += (f @ sae.W_dec + sae.b_dec - chunk).pow(2).sum().item()
+        l0 += (f != 0).sum().item()
+    return sse / (xs - xs.mean(0)).pow(2).sum().item(), l0 / len(x)
 
 
 def encoder_gflops(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> float:
@@ -175,7 +212,7 @@ def run_steps(impl: str, xs: list[torch.Tensor]) -> None:
         for x in xs:
             trainer.step(x)
     else:
-        ref = DenseTopK(xs[0])
+        ref = DenseLoop("topk", xs[0])
         for x in xs:
             ref.step(x)
 
@@ -205,69 +242,81 @@ def measure_memory(impl: str, steps: int) -> tuple[float, float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="topk", help=f"comma-separated, of {', '.join(ARCHS)}")
     ap.add_argument("--steps", type=int, default=32, help="timed steps (after 2 warm-up steps)")
-    ap.add_argument("--quick", action="store_true", help="8 timed steps and a 4k-token eval (~1 minute)")
+    ap.add_argument("--quick", action="store_true", help="8 timed steps and a 4k-token eval (~1 minute per arch)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--memory-probe", choices=["nanosae", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.steps)
+    archs = args.arch.split(",")
+    if unknown := [a for a in archs if a not in ARCHS]:
+        ap.error(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
     steps, warm = (8 if args.quick else args.steps), 2
     n_eval = 4096 if args.quick else 16384
-    print(f"TopK SAE d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam lr {LR}, fp32, {args.threads} threads, "
-          f"{steps} timed steps after {warm} warm-up")  # fmt: skip
+    print(f"SAE training, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam lr {LR}, fp32, {args.threads} "
+          f"threads, {steps} timed steps after {warm} warm-up; {', '.join(archs)}")  # fmt: skip
 
     data = Synthetic()
     batches = [data.sample(BATCH, 1000 + i) for i in range(warm + steps)]
     held_out = data.sample(n_eval, 7)
-    trainer, ref = nanosae_trainer(warm + steps), DenseTopK(batches[0])
-    trainer.init(batches[0])
-    times = {"nanosae": [], "reference": []}
+    impls = {}  # (arch, "nanosae" | "dense") -> (step function, training SAE)
+    for arch in archs:
+        trainer, ref = nanosae_trainer(warm + steps, arch), DenseLoop(arch, batches[0])
+        trainer.init(batches[0])
+        impls[arch, "nanosae"] = (trainer.step, trainer.learners[0].sae)
+        impls[arch, "dense"] = (ref.step, ref.sae)
+    times = {key: [] for key in impls}
+    cpu = {key: [] for key in impls}  # process CPU time: less swayed than wall time by other jobs on a shared machine
     gflops = []
     for i, x in enumerate(batches):
-        order = [("nanosae", trainer.step), ("reference", ref.step)]
-        for name, step in order if i % 2 == 0 else order[::-1]:
-            t = time.perf_counter()
-            step(x)
+        order = list(impls) if i % 2 == 0 else list(impls)[::-1]
+        for key in order:
+            t, c = time.perf_counter(), time.process_time()
+            impls[key][0](x)
             if i >= warm:
-                times[name].append(time.perf_counter() - t)
-        gflops.append(encoder_gflops(x, ref.sae.W_enc.detach().t(), ref.sae.b_enc.detach()))
+                times[key].append(time.perf_counter() - t)
+                cpu[key].append(time.process_time() - c)
+        W = impls[archs[0], "dense"][1].W_enc.detach()
+        gflops.append(encoder_gflops(x, W.t(), torch.zeros(D_SAE)))
 
-    sae = trainer.learners[0].sae.to_inference()
-    with torch.no_grad():
-        ours = fvu_l0(lambda c: (sae.decode(f := sae.encode(c)), f), held_out)
-    theirs = fvu_l0(ref.reconstruct, held_out)
-    tok = {name: BATCH * len(t) / sum(t) for name, t in times.items()}
     rate = statistics.median(gflops)
     floor = rate * 1e9 / (2 * D_IN * D_SAE)
-    per_cycle = statistics.median(r / n for n, r in zip(times["nanosae"], times["reference"]))
+    tok = {key: BATCH * len(t) / sum(t) for key, t in times.items()}
+    print(f"floor: {floor:,.0f} tok/s (encoder matmul {2 * BATCH * D_IN * D_SAE / 1e9:.1f} GFLOP/step at {rate:.0f} "
+          "GFLOP/s, median over cycles)")  # fmt: skip
+    print(f"{'arch':11s} {'nanosae tok/s':>13s} {'dense tok/s':>11s} {'ratio':>6s} {'per-cycle':>9s} {'cpu':>5s} "
+          f"{'% floor':>7s} {'x topk':>6s} {'cpu':>5s}  {'FVU nanosae / dense':>19s}  {'L0 nanosae / dense':>18s}")  # fmt: skip
+    for arch in archs:
+        ours, dense = (arch, "nanosae"), (arch, "dense")
+        per_cycle = statistics.median(d / o for o, d in zip(times[ours], times[dense]))
+        cpu_ratio = sum(cpu[dense]) / sum(cpu[ours])
+        vs_topk = "".join(
+            f" {statistics.median(t / o for o, t in zip(ts[ours], ts['topk', 'nanosae'])):5.2f}" if "topk" in archs
+            else f" {'':5s}"
+            for ts in (times, cpu)
+        )  # fmt: skip
+        (f_ours, l_ours), (f_dense, l_dense) = fvu_l0(impls[ours][1], held_out), fvu_l0(impls[dense][1], held_out)
+        print(f"{arch:11s} {tok[ours]:13,.0f} {tok[dense]:11,.0f} {tok[ours] / tok[dense]:6.2f} {per_cycle:9.2f} "
+              f"{cpu_ratio:5.2f} {100 * tok[ours] / floor:6.0f}% {vs_topk}  {f_ours:9.4f} / {f_dense:.4f}  "
+              f"{l_ours:8.1f} / {l_dense:.1f}")  # fmt: skip
+    print("(ratio: nanosae tok/s / dense tok/s; per-cycle: median of dense / nanosae step time; cpu: the same ratio "
+          "in process CPU time; x topk: median per cycle of nanosae TopK step time / this step time, wall and CPU)")  # fmt: skip
 
-    print(
-        f"nanosae   : {tok['nanosae']:9,.0f} tok/s  ({statistics.median(times['nanosae']):.3f} s/step median)  "
-        f"FVU {ours[0]:.4f}  L0 {ours[1]:.1f}"
-    )
-    print(
-        f"reference : {tok['reference']:9,.0f} tok/s  ({statistics.median(times['reference']):.3f} s/step median)  "
-        f"FVU {theirs[0]:.4f}  L0 {theirs[1]:.1f}"
-    )
-    print(
-        f"floor     : {floor:9,.0f} tok/s  (encoder matmul {2 * BATCH * D_IN * D_SAE / 1e9:.1f} GFLOP/step at "
-        f"{rate:.0f} GFLOP/s, median over cycles); nanosae runs at {100 * tok['nanosae'] / floor:.0f}% of it"
-    )
-    print(f"per-cycle ratio (median of reference / nanosae step time): {per_cycle:.2f}")
-
-    weights = (2 * D_SAE * D_IN + D_SAE + D_IN) * 4 / 2**20
-    batch_mb = BATCH * D_IN * 4 / 2**20
-    mem = {impl: measure_memory(impl, 4) for impl in ("nanosae", "reference")}
-    if all(v is not None for v in mem.values()):
-        (ours, ours_live), (theirs, theirs_live) = mem["nanosae"], mem["reference"]
-        print(f"memory    : peak over 4 steps (MiB): RSS growth nanosae {ours:.0f}, reference {theirs:.0f}; live "
-              f"tensors nanosae {ours_live:.0f}, reference {theirs_live:.0f}. Budget: weights {weights:.0f} + Adam "
-              f"{2 * weights:.0f} + 2 batches {2 * batch_mb:.0f} = {3 * weights + 2 * batch_mb:.0f}; nanosae's "
-              f"transients = {(ours_live - 3 * weights) / batch_mb:.1f} batches live, "
-              f"{(ours - 3 * weights) / batch_mb:.1f} in RSS")  # fmt: skip
-    print(f"ratio: {tok['nanosae'] / tok['reference']:.2f}")
+    if "topk" in archs:
+        weights = (2 * D_SAE * D_IN + D_SAE + D_IN) * 4 / 2**20
+        batch_mb = BATCH * D_IN * 4 / 2**20
+        mem = {impl: measure_memory(impl, 4) for impl in ("nanosae", "reference")}
+        if all(v is not None for v in mem.values()):
+            (ours, ours_live), (theirs, theirs_live) = mem["nanosae"], mem["reference"]
+            print(f"memory (topk): peak over 4 steps (MiB): RSS growth nanosae {ours:.0f}, dense {theirs:.0f}; live "
+                  f"tensors nanosae {ours_live:.0f}, dense {theirs_live:.0f}. Budget: weights {weights:.0f} + Adam "
+                  f"{2 * weights:.0f} + 2 batches {2 * batch_mb:.0f} = {3 * weights + 2 * batch_mb:.0f}; nanosae's "
+                  f"transients = {(ours_live - 3 * weights) / batch_mb:.1f} batches live, "
+                  f"{(ours - 3 * weights) / batch_mb:.1f} in RSS")  # fmt: skip
+    print(f"ratio: {tok[archs[0], 'nanosae'] / tok[archs[0], 'dense']:.2f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "topk_signed", "gated_
 # target_l0: log λ moves by up to L0_GAIN x the step's LR per step. The L0 follows λ through parameters that Adam
 # moves by about one LR per step, so a gain tied to the LR keeps the loop stable at any LR without lagging behind it.
 L0_GAIN = 1.0
+# BatchTopK takes each token's CANDIDATES * k largest pre-activations first (nanosae.sparse.batch_topk_select); a
+# token with more in the batch's top B*k is recomputed whole. The number balances the two costs (measured)
+CANDIDATES = 2
+HINT_MARGIN = 0.9
 SAELENS_VERSION = "6.0.0"  # the on-disk format version we write (v6: LLM keys live under `metadata`)
 
 
@@ -876,6 +880,7 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(cfg, d_in)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_updates", torch.tensor(0))
+        self.cutoff_hint: float | None = None  # speeds up select; not state (nothing computed depends on it)
 
     def encode(self, xs):
         pre = F.relu(self.pre_acts(xs))
@@ -884,20 +889,18 @@ class BatchTopKSAE(TopKSAE):
         return pre * keep.view_as(pre)
 
     def select(self, xs, dead_idx, k_aux):
-        W = self.W_enc.detach()
-        pre = torch.addmm(self.b_enc.detach() - self.b_dec.detach() @ W, xs, W)
+        W, b = self.W_enc.detach(), self.b_enc.detach() - self.b_dec.detach() @ self.W_enc.detach()
         n = self.cfg.k * xs.shape[0] * self.world  # B*k over the global batch
-        top = pre.flatten().topk(min(n, pre.numel()), sorted=False)
-        keep = top.values > 0
-        if self.world > 1:  # any rank may hold up to all n: the global n-th largest value is the cutoff
-            everyone = self.world_gather(top.values)
-            keep &= top.values >= everyone.topk(min(n, everyone.numel()), sorted=False).values.min()
-        codes, order = sparse.flat_codes(top.indices[keep], xs.shape[0], self.d_sae)
-        pre_vals = top.values[keep][order]
-        if not k_aux:
-            return codes, pre_vals, None, None
-        aux_vals, i = pre.index_select(1, dead_idx).topk(k_aux, dim=-1)
-        return codes, pre_vals, sparse.topk_codes(dead_idx[i], self.d_sae), aux_vals.reshape(-1)
+        gather = self.world_gather if self.world > 1 else None
+        flat, pre_vals, aux_vals, aux_idx, cutoff = sparse.batch_topk_select(
+            xs, W, b, n, CANDIDATES * self.cfg.k, dead_idx, k_aux, gather, self.cutoff_hint
+        )
+        # the next batch's cut-off is near this one: a guess a little below it spares recomputing rows (it changes
+        # how fast the selection is found, never what it is)
+        self.cutoff_hint = HINT_MARGIN * cutoff.item()
+        codes, order = sparse.flat_codes(flat, xs.shape[0], self.d_sae)
+        aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
+        return codes, pre_vals[order], *aux
 
     def _extra(self, vals):
         kept = vals[vals > 0]

@@ -19,6 +19,8 @@ and the optimizer builds it a block of latents at a time, never holding a dense 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -80,6 +82,17 @@ def _topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, cols.gather(1, j)
 
 
+def _slabs(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, block: int):
+    """(start, end, pre) for each block of rows, pre = x[start:end] @ W_enc + b_enc: blocks small enough that each
+    (block x d_sae) slab is still in cache when the selection reads it. One buffer serves every block (a fresh slab
+    per block would be page-faulted in), so a slab lives until the next one is made."""
+    n = x.shape[0]
+    buf = x.new_empty(min(block, n), W_enc.shape[1])
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        yield s, e, torch.addmm(b_enc, x[s:e], W_enc, out=buf[: e - s])
+
+
 @torch.no_grad()
 def topk_select(
     x: torch.Tensor,
@@ -91,22 +104,105 @@ def topk_select(
     block: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per token, the k largest pre-activations x @ W_enc + b_enc (values, latent ids) and, when `aux_latents`
-    is given, the k_aux largest among those latents only (AuxK). The matmul runs in row blocks so that each
-    (block x d_sae) slab is still in cache when topk reads it; the full dense matrix never exists."""
+    is given, the k_aux largest among those latents only (AuxK). The matmul runs in row blocks (_slabs); the full
+    dense matrix never exists."""
     n = x.shape[0]
     vals, idx = x.new_empty(n, k), torch.empty(n, k, dtype=torch.long, device=x.device)
     aux = aux_latents is not None and k_aux > 0
     aux_vals = x.new_empty(n, k_aux) if aux else None
     aux_idx = torch.empty(n, k_aux, dtype=torch.long, device=x.device) if aux else None
-    buf = x.new_empty(min(block, n), W_enc.shape[1])  # reused: a fresh slab per block would be page-faulted in
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        pre = torch.addmm(b_enc, x[s:e], W_enc, out=buf[: e - s])
+    for s, e, pre in _slabs(x, W_enc, b_enc, block):
         vals[s:e], idx[s:e] = _topk(pre, k)
         if aux:
             v, i = pre.index_select(1, aux_latents).topk(k_aux, dim=-1, sorted=False)
             aux_vals[s:e], aux_idx[s:e] = v, aux_latents[i]
     return vals, idx, aux_vals, aux_idx
+
+
+def nth_largest(vals: torch.Tensor, n: int, world_gather: Callable | None = None) -> torch.Tensor:
+    """The n-th largest of a 1-D tensor (-inf when it holds fewer); with world_gather (which concatenates every rank's
+    tensor), of all ranks' tensors together: each rank's n largest, padded to n, hold the union's n largest."""
+    top = vals.topk(min(n, vals.numel()), sorted=False).values
+    if world_gather is not None:
+        top = world_gather(F.pad(top, (0, n - top.numel()), value=-math.inf))
+    if top.numel() < n:
+        return vals.new_tensor(-math.inf)
+    return top.topk(n, sorted=False).values.min() if world_gather is not None else top.min()
+
+
+@torch.no_grad()
+def batch_topk_select(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    n: int,
+    m: int,
+    aux_latents: torch.Tensor | None = None,
+    k_aux: int = 0,
+    world_gather: Callable | None = None,
+    hint: float | None = None,
+    block: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """BatchTopK's selection: of the pre-activations P = x @ W_enc + b_enc (rows x d_sae), exactly the entries that
+    P.flatten().topk(n) picks and that are positive; under DDP (world_gather given), those of this rank's top n that
+    are also among the n largest of the global batch. Returns their flat indices into P (unsorted) and values, the
+    AuxK part as topk_select, and the cut-off (the n-th largest entry when positive; the caller's next hint).
+
+    Without the flattened topk, whose one row of rows x d_sae runs on one thread. P is made a block of rows at a
+    time (_slabs); T is the n-th largest entry (of the global batch), S a set of candidate entries:
+    1. while a block is in cache, S gets each row's m largest; low_r, the m-th of row r, bounds the rest of the row.
+       A row with low_r >= hint (a guess at T > 0, e.g. the last step's) gives every entry >= hint instead
+       ("expanded"). c = the n-th largest of S <= T (S is part of the batch).
+    2. a row with low_r >= c and low_r > 0 may still hold entries >= c outside S, unless it was expanded with
+       hint <= c. Recompute those rows and put all their entries >= c and > 0 in S. Now S holds every entry >= c
+       that is > 0: an entry left out of row r is <= low_r, below c or <= 0, or, in a row expanded with hint <= c,
+       below the hint.
+    3. if T > 0, every entry >= T is in S and the n-th largest of S is T; if T <= 0, the n-th largest of S is <= 0
+       and S holds every positive entry. Either way, the entries of S that are >= the n-th largest of S and > 0 are
+       the selection, when there are at most n of them: more means ties at T > 0, where topk's own choice decides,
+       so then (rarely) the flattened topk itself runs. (In one process without step 2's recomputation, the n-th
+       largest of S is c already.)"""
+    rows, d_sae = x.shape[0], W_enc.shape[1]
+    m = min(m, d_sae)
+    hint = hint if hint is not None and hint > 0 and m < d_sae else math.inf
+    vals, idx = x.new_empty(rows, m), torch.empty(rows, m, dtype=torch.long, device=x.device)
+    aux = aux_latents is not None and k_aux > 0
+    aux_vals = x.new_empty(rows, k_aux) if aux else None
+    aux_idx = torch.empty(rows, k_aux, dtype=torch.long, device=x.device) if aux else None
+    extra_vals, extra_flat = [], []
+    for s, e, pre in _slabs(x, W_enc, b_enc, block):
+        vals[s:e], idx[s:e] = _topk(pre, m)
+        if aux:
+            v, i = pre.index_select(1, aux_latents).topk(k_aux, dim=-1, sorted=False)
+            aux_vals[s:e], aux_idx[s:e] = v, aux_latents[i]
+        if hint < math.inf:
+            big = (vals[s:e].amin(1) >= hint).nonzero().squeeze(1)
+            if big.numel():
+                r, j = (pre[big] >= hint).nonzero(as_tuple=True)
+                extra_vals.append(pre[big[r], j])
+                extra_flat.append((s + big[r]) * d_sae + j)
+    low = vals.amin(1)
+    expanded = low >= hint
+    flat = idx + d_sae * torch.arange(rows, device=x.device)[:, None]
+    cands, flat = torch.cat([vals[~expanded].view(-1), *extra_vals]), torch.cat([flat[~expanded].view(-1), *extra_flat])
+    c = nth_largest(cands, n, world_gather)
+    redo = (low >= c) & (low > 0) & ~(expanded & (hint <= c)) if m < d_sae else torch.zeros_like(expanded)
+    if redo.any():
+        redo_rows = redo.nonzero().squeeze(1)
+        pre = torch.addmm(b_enc, x[redo_rows], W_enc)
+        r, j = ((pre >= c) & (pre > 0)).nonzero(as_tuple=True)
+        drop = redo.index_select(0, torch.div(flat, d_sae, rounding_mode="floor"))
+        cands = torch.cat([cands[~drop], pre[r, j]])
+        flat = torch.cat([flat[~drop], redo_rows[r] * d_sae + j])
+        c = nth_largest(cands, n, world_gather)
+    elif world_gather is not None:  # the ranks' collectives must match: every rank takes this second look
+        c = nth_largest(cands, n, world_gather)
+    keep = (cands >= c) & (cands > 0)
+    if int(keep.sum()) > n:  # ties at T > 0: topk decides which of them are kept
+        top = torch.addmm(b_enc, x, W_enc).view(-1).topk(min(n, rows * d_sae), sorted=False)
+        keep = (top.values > 0) & (top.values >= c)
+        return top.indices[keep], top.values[keep], aux_vals, aux_idx, c
+    return flat[keep], cands[keep], aux_vals, aux_idx, c
 
 
 class RowGrad(NamedTuple):

@@ -1,8 +1,14 @@
 """The TopK-family sparse path: selection, decode and every gradient against the dense computation."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from batchtopk_cases import CASES, D_SAE, HINTS, ROWS, K, case, flattened_topk
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosae import sparse
@@ -28,6 +34,54 @@ def test_topk_select_matches_torch_topk_in_every_block():
     aux_ref = pre[:, dead].topk(3, dim=-1)
     assert torch.allclose(aux_vals.sort(-1).values, aux_ref.values.sort(-1).values)
     assert torch.isin(aux_idx, dead).all() and torch.equal(pre.gather(1, aux_idx), aux_vals)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("hint", HINTS)
+@pytest.mark.parametrize("m", [K, 2 * K, D_SAE])
+def test_batch_topk_select_is_the_flattened_topk(name, hint, m):
+    """Exactly the entries P.flatten().topk(B*k) keeps (positive ones), whatever the hint (none, below, at or above
+    the cut-off T; it only changes which rows are expanded or recomputed) and the number of candidates per row."""
+    x, W, b = case(name)
+    n = K * ROWS
+    top, keep = flattened_topk(x, W, b, n)
+    T = top.values.min().item()
+    dead = torch.arange(0, D_SAE, 7)
+    flat, vals, aux_vals, aux_idx, cutoff = sparse.batch_topk_select(
+        x, W, b, n, m, dead, 3, hint=None if hint is None else hint * T, block=16
+    )
+    assert torch.equal(flat.sort().values, top.indices[keep].sort().values)
+    assert torch.equal(torch.addmm(b, x, W).view(-1)[flat], vals)
+    assert cutoff.item() == T or (T <= 0 and cutoff.item() <= 0)
+    ref_aux, _, _, _ = sparse.topk_select(x, W[:, dead], b[dead], 3)  # AuxK as the TopK path picks it
+    assert torch.equal(aux_vals.sort(-1).values, ref_aux.sort(-1).values) and torch.isin(aux_idx, dead).all()
+    if name == "tied":  # more than n entries tie at or above T > 0: topk's own choice among them is what counts
+        assert T > 0 and (torch.addmm(b, x, W) >= T).sum() > n
+    if name == "negative":
+        assert flat.numel() == 0
+
+
+def test_batch_topk_select_under_ddp_is_the_global_rule(tmp_path):
+    """Two gloo ranks under torchrun, each with half of every batch: each keeps the entries of its own top B*k that
+    are positive and among the global batch's B*k largest (as the flattened-topk rule did under DDP)."""
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(here / "ddp_batchtopk.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    for name in CASES:
+        x, W, b = case(name)
+        n = K * ROWS
+        tops = [flattened_topk(share, W, b, n) for share in x.chunk(2)]
+        T = torch.cat([top.values for top, _ in tops]).topk(n).values.min()
+        for rank, (top, keep) in enumerate(tops):
+            want = top.indices[keep & (top.values >= T)].sort().values
+            for h in HINTS:
+                assert torch.equal(kept[rank][f"{name}/{h}"], want), (name, h, rank)
 
 
 @pytest.mark.parametrize("m, k", [(512, 6), (3072, 32), (8192, 32), (2048, 128)])  # chunks of 8, 8, 16, 4
