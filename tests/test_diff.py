@@ -246,6 +246,7 @@ def test_diff_bad_requests(pair, tmp_path):
         (["--model", str(pair), "--model", str(other_tok)], "different tokenizers"),
         (["--model", str(pair)], "give --model twice, or one base dir with --phase twice"),
         (["--model", str(pair), "--model", str(pair)], "the same checkpoint"),
+        (["--model", str(pair), "--step", "20", "--step", "5"], r"no model_000005.pt \(steps present: 20\)"),
         (["--model", str(pair), "--phase", "base", "--phase", "sft", "--layer", "7"], "layer"),
         (["--model", str(tmp_path / "nope"), "--phase", "base", "--phase", "sft"], "nope"),
     ]
