@@ -207,7 +207,7 @@ class DiffConfig:
     k: int = 32  # crosscoder: active latents per token, on average over the batch
     expansion: int = 8  # latents = expansion x the concatenated width (2 x the model's)
     sparsity_coeff: float | None = None  # crosscoder_l1: λ (None: its default)
-    tokens: int = 2_000_000  # training tokens, each a pair of activations
+    tokens: int = 1_000_000  # training tokens, each a pair of activations
     batch_size: int = 4096
     ratio: float = 0.2  # exclusive when the weaker decoder norm is below ratio x the stronger (and Latent Scaling)
     eval_tokens: int = 65_536  # held-out tokens for Latent Scaling and the explained variance
