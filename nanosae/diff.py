@@ -207,6 +207,7 @@ class DiffConfig:
     k: int = 32  # crosscoder: active latents per token, on average over the batch
     expansion: int = 8  # latents = expansion x the concatenated width (2 x the model's)
     sparsity_coeff: float | None = None  # crosscoder_l1: λ (None: its default)
+    lr: float | None = None  # None: the width rule, 2e-4 / sqrt(d_sae / 2^14)
     tokens: int = 1_000_000  # training tokens, each a pair of activations
     batch_size: int = 4096
     ratio: float = 0.2  # exclusive when the weaker decoder norm is below ratio x the stronger (and Latent Scaling)
@@ -294,7 +295,12 @@ def _train(cfg: DiffConfig, ma, mb, tok, site: str, folder: Path) -> SAE:
     from .train import CHECKPOINT, TrainConfig, changed_settings, read_checkpoint, train
 
     sae_cfg = SAETrainConfig(
-        arch=cfg.arch, k=cfg.k, expansion=cfg.expansion, sparsity_coeff=cfg.sparsity_coeff, name="crosscoder"
+        arch=cfg.arch,
+        k=cfg.k,
+        expansion=cfg.expansion,
+        sparsity_coeff=cfg.sparsity_coeff,
+        lr=cfg.lr,
+        name="crosscoder",
     )
     tcfg = TrainConfig(
         saes=[sae_cfg],
