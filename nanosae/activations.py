@@ -693,15 +693,18 @@ class ModelStream(ActivationStream):
             if self.world_size > 1 and dist_info() == (self.rank, self.world_size):
                 acts = self._gathered(batches)
             else:
-                acts = [_site_acts(self.model, b, self.site) for b in batches]
+                acts = [self._acts(b) for b in batches]
         keep = (ids != self.tokenizer.bos_token_id).flatten().to(self.model.device)
         return torch.cat(acts)[keep]
+
+    def _acts(self, ids: torch.Tensor) -> torch.Tensor:
+        return _site_acts(self.model, ids, self.site)
 
     def _gathered(self, batches: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         # rank r forwards batches r, r+W, …; equal-shape all_gather, padded with zeros where a rank has one less
         W, n = self.world_size, len(batches)
         per = math.ceil(n / W)
-        mine = [_site_acts(self.model, batches[j], self.site) for j in range(self.rank, n, W)]
+        mine = [self._acts(batches[j]) for j in range(self.rank, n, W)]
         shape = (self.forward_rows * self.context_size, self.d_in)
         local = torch.zeros((per, *shape), dtype=self.model.compute_dtype, device=self.model.device)
         for i, a in enumerate(mine):
@@ -716,3 +719,45 @@ def model_stream(model: GPT, tokenizer: Tokenizer, site: str, source, batch_size
     no cache needed. A resume re-tokenizes (but does not forward) the rows before its position. Options: those of
     ModelStream (seq_len, seed, rank, world_size, state, buffer_tokens, forward_rows, split)."""
     return ModelStream(model, tokenizer, site, source, batch_size, **options)
+
+
+class PairedModelStream(ModelStream):
+    """A ModelStream over two models that share a tokenizer and a site width: each forward batch of token rows
+    runs through model A, then model B, and the rows are [a^A ; a^B] (d_in = 2d), so both see the same tokens and
+    memory holds one forward batch of each besides the shuffle buffer. What a crosscoder trains on."""
+
+    def __init__(self, model: GPT, model_b: GPT, tokenizer: Tokenizer, site: str, source, batch_size: int, **options):
+        self.model_b = model_b
+        super().__init__(model, tokenizer, site, source, batch_size, **options)
+        canonical_site(self.site, model_b)
+        check_pair(model, model_b, self.site)
+        self.d_in *= 2
+        name_b, fingerprint_b = model_identity(model_b)
+        self.model_names = (self.model_name, name_b)
+        self.model_name = f"{self.model_name} vs {name_b}"
+        self._identity["model_b"] = fingerprint_b
+        if options.get("state") is not None and options["state"].get("model_b") != fingerprint_b:
+            raise NanosaeError("stream state does not belong to this pair of models; pass the models the run used")
+
+    def _acts(self, ids: torch.Tensor) -> torch.Tensor:
+        a = _site_acts(self.model, ids, self.site)
+        return torch.cat([a, _site_acts(self.model_b, ids, self.site).to(a)], dim=1)
+
+
+def check_pair(model_a: GPT, model_b: GPT, site: str) -> None:
+    """A one-line error unless the two models can be paired token by token at `site` (same width there)."""
+    wa, wb = site_width(model_a, site), site_width(model_b, site)
+    if wa != wb:
+        na, nb = model_identity(model_a)[0], model_identity(model_b)[0]
+        raise NanosaeError(
+            f"{na} is {wa} wide at {site} but {nb} is {wb}: a crosscoder pairs activations of one width; diff two "
+            "models of one architecture (e.g. a base model and its fine-tune)"
+        )
+
+
+def paired_model_stream(
+    model_a: GPT, model_b: GPT, tokenizer: Tokenizer, site: str, source, batch_size: int, **options
+) -> ActivationStream:
+    """Endless shuffled float32 batches [a^A ; a^B] of two models on the same tokens (PairedModelStream); options
+    as model_stream's."""
+    return PairedModelStream(model_a, model_b, tokenizer, site, source, batch_size, **options)

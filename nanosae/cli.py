@@ -281,6 +281,8 @@ def _train_config(args):
     if args.init_from:
         _init_from_defaults(args)
     for arch, k, expansion, coeff in itertools.product(*(getattr(args, name) for name in SWEEP)):
+        if arch.startswith("crosscoder"):
+            raise NanosaeError(f"--arch {arch} reads two models at once; train it with `nanosae diff --arch {arch}`")
         topk = arch in ("topk", "batchtopk")
         target = args.target_l0 is not None  # it sets k, and λ only starts at the coefficient
         key = (arch, k if topk and not target else None, expansion, None if topk or target else coeff)
@@ -691,6 +693,35 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     _add_config_flags(p, DemoConfig)
 
 
+def cmd_diff(args) -> None:
+    from .diff import DiffConfig, run_diff
+
+    run_diff(
+        _from_flags(
+            DiffConfig, args, model=tuple(args.model or ()), phase=tuple(args.phase or ()), step=tuple(args.step or ())
+        )
+    )
+
+
+def _diff_flags(p: argparse.ArgumentParser) -> None:
+    from .diff import DiffConfig
+
+    p.add_argument(
+        "--model",
+        action="append",
+        help="model A, then model B: checkpoint dir, base dir or .pt "
+        "(default: the tiny base model and its chat model, trained or from the cache)",
+    )
+    p.add_argument(
+        "--phase",
+        action="append",
+        choices=["base", "sft", "rl"],
+        help="phase of each --model in order; one base dir with --phase twice diffs its two phases",
+    )
+    p.add_argument("--step", action="append", type=int, help="checkpoint step of each --model in order")
+    _add_config_flags(p, DiffConfig, skip=("model", "phase", "step"), arch={"choices": ["crosscoder", "crosscoder_l1"]})
+
+
 def _sample_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--prompt", default="def ")
@@ -834,6 +865,12 @@ COMMANDS = [
         "the whole pipeline: tiny model (or --model) -> SAE -> eval -> dashboard -> export",
         _demo_flags,
         cmd_demo,
+    ),
+    (
+        "diff",
+        "model diffing: a crosscoder on two models (default: tiny base vs chat); what is whose, with a dashboard",
+        _diff_flags,
+        cmd_diff,
     ),
     ("sample", "generate text from a nanochat checkpoint", _sample_flags, cmd_sample),
     ("train-lm", "train the tiny nanochat model on CPU (cached) and print samples", _train_lm_flags, cmd_train_lm),

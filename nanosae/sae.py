@@ -278,7 +278,28 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE
     """Load an SAE from a folder: SAELens (ours or SAELens' own: standard, topk, jumprelu, gated, and batchtopk
     training checkpoints), a sparsify hookpoint folder (cfg.json + sae.safetensors) or a run folder of nanochat
     PR #169's scripts (best_model.pt); from a file of a folder (cfg.json, sae_weights.safetensors: the folder);
-    or from a .pt state dict (read_pt)."""
+    or from a .pt state dict (read_pt). A crosscoder (`nanosae diff`) reads two models at once: load one side,
+    its subfolder a/ or b/, or the whole with load_crosscoder."""
+    sae = _load_any(path, device)
+    if sae.cfg.training.get("arch") in CROSSCODERS and not sae.cfg.training.get("crosscoder_side"):
+        folder = sae_folder(path)
+        names = sae.cfg.training.get("crosscoder_models") or ["model A", "model B"]
+        raise NanosaeError(
+            f"{folder} is a crosscoder over two models; pass one side: {folder / 'a'} (for {names[0]}) or "
+            f"{folder / 'b'} (for {names[1]})"
+        )
+    return sae
+
+
+def load_crosscoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """A crosscoder folder that `nanosae diff` wrote, as one SAE over [a^A ; a^B] (d_in = 2 x the models' width)."""
+    sae = _load_any(path, device)
+    if sae.cfg.training.get("arch") not in CROSSCODERS:
+        raise NanosaeError(f"{sae_folder(path)}: not a crosscoder; pass the crosscoder folder `nanosae diff` wrote")
+    return sae
+
+
+def _load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     path = Path(path)
     if path.is_file() and path.suffix != ".pt":
         path = path.parent
@@ -524,7 +545,7 @@ class SAETrainConfig:
         for key, value in {**cls.defaults, "lr": 2e-4 / math.sqrt(c.d_sae / 2**14), "k_aux": d_in // 2}.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
-        topk = c.arch in ("topk", "batchtopk")
+        topk = issubclass(cls, TopKSAE)
         if c.target_l0 is not None and not 0 < c.target_l0 < c.d_sae:
             raise NanosaeError(f"target L0 must be in (0, d_sae={c.d_sae}), got {c.target_l0}")
         if topk and c.target_l0:
@@ -1050,6 +1071,114 @@ class JumpReLUSAE(TrainingSAE):
         return {**super().inference_tensors(), "threshold": self.threshold}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# crosscoders: two models A and B read at one site on the same tokens. A crosscoder is an SAE over the concatenation
+# x = [a^A ; a^B] (d_in = 2d) whose decoder row i is [d_i^A ; d_i^B]: one shared encoder, one decoder per model
+# (Lindsey et al. 2024, "Sparse Crosscoders for Cross-Layer Features and Model Diffing", transformer-circuits.pub).
+# Decoder norms are free: the split of a latent's norm between the models is what model diffing reads.
+
+
+def crosscoder_norms(W_dec: torch.Tensor) -> torch.Tensor:
+    """(d_sae, 2): each latent's decoder norm in model A and in model B (W_dec (d_sae, 2d), A's half first)."""
+    return W_dec.view(W_dec.shape[0], 2, -1).norm(dim=-1)
+
+
+class CrosscoderSAE(BatchTopKSAE):
+    """BatchTopK crosscoder (Minder et al. 2025, "Overcoming Sparsity Artifacts in Crosscoders to Interpret
+    Chat-Tuning", arXiv 2504.02922): the batch keeps the B*k largest f_i(x) (|d_i^A| + |d_i^B|), selection on
+    decoder-norm-weighted latents, and no L1 (so neither model's decoder is pushed to zero). Inference keeps f_i where
+    f_i (|d_i^A| + |d_i^B|) > θ (θ: the EMA of the smallest kept weighted value), saved as a JumpReLU SAE with the
+    per-latent threshold θ / (|d_i^A| + |d_i^B|)."""
+
+    unit_norm = False
+
+    def __init__(self, cfg, d_in):
+        if d_in % 2:
+            raise NanosaeError(f"a crosscoder reads two models' activations side by side; d_in {d_in} is odd")
+        super().__init__(cfg, d_in)
+        self._min_score = torch.tensor(math.inf)
+
+    def _weight(self) -> torch.Tensor:
+        return crosscoder_norms(self.W_dec.detach()).sum(1).clamp_min(1e-12)
+
+    def encode(self, xs):
+        f = F.relu(self.pre_acts(xs))
+        score = (f * self._weight()).flatten()
+        keep = torch.zeros_like(score).scatter_(0, score.topk(min(self.cfg.k * xs.shape[0], score.numel())).indices, 1)
+        return f * keep.view_as(f)
+
+    def select(self, xs, dead_idx, k_aux):
+        W = self.W_enc.detach()
+        pre = torch.addmm(self.b_enc.detach() - self.b_dec.detach() @ W, xs, W)
+        aux = pre.index_select(1, dead_idx).topk(k_aux, dim=-1) if k_aux else None  # AuxK reads the plain pre
+        weight = self._weight()
+        score = pre.relu_().mul_(weight).flatten()  # in place: pre is not needed after this
+        n = self.cfg.k * xs.shape[0] * self.world  # B*k over the global batch
+        top = score.topk(min(n, score.numel()), sorted=False)
+        keep = top.values > 0
+        if self.world > 1:  # as BatchTopKSAE: the global n-th largest weighted value is the cutoff
+            everyone = self.world_gather(top.values)
+            keep &= top.values >= everyone.topk(min(n, everyone.numel()), sorted=False).values.min()
+        kept, values = top.indices[keep], top.values[keep]
+        self._min_score = values.min() if values.numel() else values.new_tensor(math.inf)
+        codes, order = sparse.flat_codes(kept, xs.shape[0], self.d_sae)
+        pre_vals = (values / weight[kept % self.d_sae])[order]
+        if aux is None:
+            return codes, pre_vals, None, None
+        return codes, pre_vals, sparse.topk_codes(dead_idx[aux.indices], self.d_sae), aux.values.reshape(-1)
+
+    def _extra(self, vals):
+        smallest = self._min_score.detach().to(vals)
+        if self.world > 1:
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        return {"min_kept": smallest if smallest.isfinite() else vals.new_zeros(())}
+
+    def inference_tensors(self):
+        return {**super().inference_tensors(), "threshold": self.threshold.clamp_min(0) / self._weight()}
+
+
+class CrosscoderL1SAE(AprilSAE):
+    """L1 crosscoder (Lindsey et al. 2024): f = relu(x W_enc + b_enc), L = |x - x_hat|^2 + λ Σ_i f_i (|d_i^A| +
+    |d_i^B|), the penalty weighted by the sum of the two decoder norms, free norms as in Anthropic's April-2024
+    recipe. Minder et al. 2025 show that this penalty can shrink a latent's weaker decoder to zero (Complete
+    Shrinkage) and split one concept into two model-specific latents (Latent Decoupling); Latent Scaling
+    (nanosae.diff) flags such latents."""
+
+    def __init__(self, cfg, d_in):
+        if d_in % 2:
+            raise NanosaeError(f"a crosscoder reads two models' activations side by side; d_in {d_in} is odd")
+        super().__init__(cfg, d_in)
+
+    def penalty(self, f):
+        return f @ crosscoder_norms(self.W_dec).sum(1)
+
+
+CROSSCODERS = ("crosscoder", "crosscoder_l1")
+
+
+def crosscoder_side(cc: SAE, side: int, **meta) -> SAE:
+    """One model's half of an inference crosscoder (d_in = 2d) as an ordinary SAE of width d for that model: the
+    crosscoder fed that model's activations on both inputs, x -> [x ; x] (exact for encode(x) of the full crosscoder
+    on [x ; x]; the other model's actual activations are not at hand). Its decoder is that model's decoder.
+    pre = (x - b_A) W_A + (x - b_B) W_B + b = (x - b_s)(W_A + W_B) + b + Σ_m (b_s - b_m) W_m."""
+    d = cc.cfg.d_in // 2
+    W, b = cc.W_enc.detach(), cc.b_dec.detach()
+    halves, b_halves = W.view(2, d, -1), b.view(2, d)
+    b_s = b_halves[side]
+    tensors = {
+        "W_enc": halves.sum(0),
+        "W_dec": cc.W_dec.detach()[:, side * d : (side + 1) * d],
+        "b_dec": b_s,
+        "b_enc": cc.b_enc.detach() + sum((b_s - b_halves[m]) @ halves[m] for m in range(2)),
+    }
+    if cc.cfg.architecture == "jumprelu":
+        tensors["threshold"] = cc.threshold.detach()
+    cfg = dataclasses.replace(cc.cfg, d_in=d, **meta)
+    sae = SAE(cfg).to(cc.device)
+    sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
+    return sae
+
+
 TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
     "standard": StandardSAE,
     "april": AprilSAE,
@@ -1057,6 +1186,8 @@ TRAINING_CLASSES: dict[str, type[TrainingSAE]] = {
     "batchtopk": BatchTopKSAE,
     "gated": GatedSAE,
     "jumprelu": JumpReLUSAE,
+    "crosscoder": CrosscoderSAE,
+    "crosscoder_l1": CrosscoderL1SAE,
 }
 
 

@@ -34,7 +34,7 @@ from . import sparse
 from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text, remove_leftovers, verify_sha256
-from .sae import SAE, LossOut, SAETrainConfig, TrainingSAE, training_sae
+from .sae import SAE, LossOut, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -146,7 +146,7 @@ class _Learner:
         # applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient all-reduce or a
         # global clip needs them whole, so those SAEs take the plain path. It pays on CPUs (cache and memory); a GPU
         # does better with one fused Adam over the whole weight than with a launch per block
-        self.sparse_update = c.arch in ("topk", "batchtopk") and world == 1 and not c.grad_clip and dev.type == "cpu"
+        self.sparse_update = isinstance(sae, TopKSAE) and world == 1 and not c.grad_clip and dev.type == "cpu"
         adam_kw = {"fused": True} if dev.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **adam_kw)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired

@@ -1,0 +1,261 @@
+"""Crosscoder model diffing: the crosscoder's math, planted truth (exclusive and shared atoms, and planted
+artefacts that Latent Scaling must flag), and `nanosae diff` end to end on tiny models made here."""
+
+import contextlib
+import io
+import json
+import re
+import signal
+
+import pytest
+import torch
+
+from nanosae import activations, lm_train
+from nanosae.cli import main as cli_main
+from nanosae.diff import PlantedPair, artefacts, classify, latent_scaling, match_planted
+from nanosae.errors import NanosaeError
+from nanosae.lm_train import SFTConfig, TinyConfig
+from nanosae.sae import SAE, SAETrainConfig, crosscoder_norms, crosscoder_side, load_crosscoder, load_sae, training_sae
+from nanosae.train import TrainConfig, Trainer
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(argv)
+    return rc, out.getvalue() + err.getvalue()
+
+
+# --- the math -----------------------------------------------------------------------------------------------
+
+
+def test_batchtopk_crosscoder_keeps_the_largest_norm_weighted_latents():
+    torch.manual_seed(0)
+    sae = training_sae(SAETrainConfig(arch="crosscoder", d_sae=64, k=4), 16)
+    with torch.no_grad():  # make the decoder norms unequal so that the weighting matters
+        sae.W_dec.mul_(torch.rand(64, 1) * 2 + 0.1)
+        sae.W_dec[:, :8].mul_(torch.rand(64, 1))
+    x = torch.randn(32, 16)
+    sae.init_from_sample(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    out = sae.loss(x, dead, 1.0)
+    # dense definition: f = relu(pre), keep the B*k largest f_i (|d_i^A| + |d_i^B|), reconstruct both halves
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    weight = crosscoder_norms(sae.W_dec).sum(1)
+    score = (pre * weight).flatten()
+    keep = torch.zeros_like(score).scatter_(0, score.topk(4 * 32).indices, 1).view_as(pre)
+    f = pre * keep
+    mse = (f @ sae.W_dec + sae.b_dec - x).pow(2).sum() / (len(x) * sae.mse_scale)
+    torch.testing.assert_close(out.loss, mse, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.fired, (f > 0).sum(0).to(out.fired))
+    plain = torch.zeros(pre.numel()).scatter_(0, pre.flatten().topk(4 * 32).indices, 1).view_as(pre)
+    assert not torch.equal(keep, plain)  # the weighting changed the choice
+    # the inference threshold is per latent: θ / (|d_i^A| + |d_i^B|)
+    sae.after_step(out.extra, 4.0, 1e-3)
+    inf = sae.to_inference()
+    assert inf.cfg.architecture == "jumprelu"
+    torch.testing.assert_close(inf.threshold, sae.threshold / weight.detach())
+
+
+def test_l1_crosscoder_penalises_the_summed_decoder_norms():
+    torch.manual_seed(0)
+    sae = training_sae(SAETrainConfig(arch="crosscoder_l1", d_sae=32), 8)
+    f = torch.rand(5, 32)
+    W = sae.W_dec
+    expected = f @ (W[:, :4].norm(dim=1) + W[:, 4:].norm(dim=1))
+    torch.testing.assert_close(sae.penalty(f), expected)
+    assert not torch.allclose(expected, f @ W.norm(dim=1))  # not the norm of the concatenated row
+    with pytest.raises(NanosaeError, match="odd"):
+        training_sae(SAETrainConfig(arch="crosscoder", d_sae=32, k=2), 7)
+
+
+def test_each_side_is_the_crosscoder_fed_one_models_activations_twice():
+    torch.manual_seed(0)
+    cc = training_sae(SAETrainConfig(arch="crosscoder", d_sae=48, k=3), 12).to_inference()
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        cc.threshold.abs_()
+    x = torch.randn(20, 6)
+    for side in range(2):
+        sae = crosscoder_side(cc, side, model_name="m")
+        f = cc.encode(torch.cat([x, x], 1))
+        torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(f), cc.decode(f)[:, side * 6 : (side + 1) * 6])
+        assert sae.cfg.d_in == 6 and sae.cfg.model_name == "m"
+
+
+# --- planted truth ------------------------------------------------------------------------------------------
+
+
+def _train_planted(planted: PlantedPair, steps: int = 300, batch: int = 1024) -> SAE:
+    cfg = TrainConfig(
+        saes=[SAETrainConfig(arch="crosscoder", d_sae=128, k=4, lr=3e-3)],
+        tokens=steps * batch,
+        batch_size=batch,
+        log_every=10**9,
+    )
+    g = torch.Generator().manual_seed(1)
+    trainer = Trainer(cfg, 2 * planted.d)
+    trainer.init(planted.sample(batch, g))
+    for _ in range(steps):
+        trainer.step(planted.sample(batch, g))
+    return trainer.learners[0].sae.to_inference()
+
+
+def _with_artefacts(cc: SAE, shrink: int, split: int) -> SAE:
+    """cc with two planted artefacts: latent `shrink` loses its A decoder (Complete Shrinkage: looks B-only), latent
+    `split` keeps only its A decoder and a new last latent with the same encoder gets its B decoder (Latent
+    Decoupling: one concept as an A-only and a B-only latent)."""
+    t = {k: v.detach().clone() for k, v in cc.state_dict().items()}
+    d = cc.cfg.d_in // 2
+    t["W_dec"][shrink, :d] = 0
+    twin = torch.cat([torch.zeros(d), t["W_dec"][split, d:]])
+    t["W_dec"][split, d:] = 0
+    t["W_dec"] = torch.cat([t["W_dec"], twin[None]])
+    t["W_enc"] = torch.cat([t["W_enc"], t["W_enc"][:, split : split + 1]], 1)
+    for k in ("b_enc", "threshold"):
+        t[k] = torch.cat([t[k], t[k][split : split + 1]])
+    out = SAE(type(cc.cfg)(**{**vars(cc.cfg), "d_sae": cc.cfg.d_sae + 1}))
+    out.load_state_dict(t)
+    return out
+
+
+def test_planted_exclusive_and_shared_atoms_and_artefacts():
+    planted = PlantedPair()
+    cc = _train_planted(planted)
+    groups = classify(cc)
+    latent, cos = match_planted(cc, planted)
+    truth = planted.truth()
+    correct = (cos > 0.9) & (groups[latent] == truth)
+    for kind in (0, 1, 2):  # A-only, shared, B-only each
+        assert correct[truth == kind].mean() >= 0.75, (kind, correct[truth == kind])
+    assert correct.mean() >= 0.9, correct.mean()
+
+    g = torch.Generator().manual_seed(7)
+    held_out = [planted.sample(4096, g) for _ in range(3)]
+    scaling = latent_scaling(cc, held_out)
+    flagged = artefacts(groups, scaling)
+    exclusive = latent[correct & (truth != 1)]
+    assert flagged[exclusive].mean() <= 0.1  # true exclusives keep their verdict
+
+    shared = latent[correct & (truth == 1)]
+    shrink, split = int(shared[0]), int(shared[1])
+    bad = _with_artefacts(cc, shrink, split)
+    bad_groups = classify(bad)
+    assert bad_groups[shrink] == 2 and bad_groups[split] == 0 and bad_groups[-1] == 2  # by norm they look exclusive
+    bad_scaling = latent_scaling(bad, held_out)
+    bad_flagged = artefacts(bad_groups, bad_scaling)
+    assert bad_flagged[shrink] and bad_flagged[split] and bad_flagged[-1]
+    assert bad_scaling["nu_eps"][shrink] > 0.8  # A's error holds the direction its decoder lost
+    assert bad_scaling["nu_r"][split] > 0.8  # B's reconstruction holds it through the twin
+    assert bad_flagged[exclusive].mean() <= 0.1
+
+
+# --- nanosae diff ---------------------------------------------------------------------------------------------
+
+TINY = dict(
+    vocab_size=300,
+    n_layer=2,
+    n_embd=32,
+    head_dim=16,
+    seq_len=128,
+    batch_size=8,
+    steps=20,
+    save_every=0,
+    eval_every=20,
+    eval_tokens=1024,
+    tokenizer_chars=50_000,
+    compute="float32",
+)
+DIFF = ["--tokens", "6144", "--batch-size", "512", "--expansion", "2", "--k", "4", "--eval-tokens", "2048",
+        "--viz-tokens", "2048"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    base = lm_train.ensure_tiny_model(TinyConfig(**TINY), out=tmp_path_factory.mktemp("tiny") / "base")
+    lm_train.ensure_chat_model(base, SFTConfig(steps=10, eval_every=10, compute="float32"))
+    return base
+
+
+def test_diff_end_to_end_resumes_and_reuses(pair, tmp_path, monkeypatch):
+    out = tmp_path / "diff"
+    argv = ["diff", "--model", str(pair), "--phase", "base", "--phase", "sft", "--out", str(out), *DIFF]
+    real = activations.paired_model_stream
+    served = []
+
+    class Interrupting:  # Ctrl-C after 5 batches: the trainer checkpoints and stops
+        def __init__(self, stream):
+            self.stream = stream
+            self.d_in, self.site, self.model_name = stream.d_in, stream.site, stream.model_name
+            self.context_size, self.dataset = stream.context_size, stream.dataset
+
+        def state(self):
+            return self.stream.state()
+
+        def __next__(self):
+            served.append(1)
+            if len(served) == 5:
+                signal.raise_signal(signal.SIGINT)
+            return next(self.stream)
+
+    monkeypatch.setattr(activations, "paired_model_stream", lambda *a, **k: Interrupting(real(*a, **k)))
+    rc, text = run_cli(argv)
+    assert rc == 130 and "continue with --resume" in text
+    monkeypatch.setattr(activations, "paired_model_stream", real)
+    rc, text = run_cli(argv)
+    assert rc == 0, text
+    assert "resuming the crosscoder" in text and "from step 5" in text
+    assert "chat-only" in text and "base-only" in text
+
+    result = json.loads((out / "diff.json").read_text())
+    assert result["labels"] == ["base", "chat"]
+    rows = result["latents"]
+    assert len(rows) == result["d_sae"] == 2 * 2 * 32
+    assert sum(result["counts"].values()) == len(rows)
+    for r in rows:  # the group follows the relative norm with the default ratio 0.2 (r < 1/6: A-only, > 5/6: B-only)
+        assert r["group"] == ("a_only" if r["relative_norm"] < 1 / 6 else "b_only" if r["relative_norm"] > 5 / 6
+                              else "shared") or abs(r["relative_norm"] - 1 / 6) < 1e-3 or abs(r["relative_norm"] - 5 / 6) < 1e-3  # fmt: skip
+    assert (out / "relative_norms.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out / "dashboard" / "index.html").read_text()
+    assert "a/index.html#/f/0" in page and "b/index.html#/f/0" in page and "chat-only" in page
+    assert (out / "dashboard" / "a" / "index.html").is_file() and (out / "dashboard" / "b" / "index.html").is_file()
+
+    # each side is an ordinary SAE for its model; the crosscoder itself only loads as a crosscoder
+    cc = load_crosscoder(out / "crosscoder")
+    assert cc.cfg.d_in == 64 and cc.cfg.training["crosscoder_models"]
+    with pytest.raises(NanosaeError, match=r"crosscoder over two models; pass one side: .*/a .*/b"):
+        load_sae(out / "crosscoder")
+    side_b = load_sae(out / "crosscoder" / "b")
+    assert side_b.cfg.d_in == 32 and side_b.cfg.hook_name == "blocks.1.resid_post"
+    torch.testing.assert_close(side_b.W_dec, cc.W_dec[:, 32:])
+    rc, text = run_cli(["eval", "--sae", str(out / "crosscoder" / "b"), "--model", str(pair), "--phase", "sft",
+                        "--tokens", "2048"])  # fmt: skip
+    assert rc == 0, text
+
+    rc, text = run_cli(argv)  # everything done: reused
+    assert rc == 0 and "reusing the crosscoder" in text
+
+
+def test_diff_bad_requests(pair, tmp_path):
+    wide = lm_train.ensure_tiny_model(TinyConfig(**{**TINY, "n_embd": 64, "steps": 2}), out=tmp_path / "wide")
+    other_tok = lm_train.ensure_tiny_model(TinyConfig(**{**TINY, "vocab_size": 280, "steps": 2}), out=tmp_path / "tk")
+    cases = [
+        (["--model", str(pair), "--model", str(wide)], "32 wide at blocks.1.resid_post but .* is 64"),
+        (["--model", str(pair), "--model", str(other_tok)], "different tokenizers"),
+        (["--model", str(pair)], "give --model twice, or one base dir with --phase twice"),
+        (["--model", str(pair), "--model", str(pair)], "the same checkpoint"),
+        (["--model", str(pair), "--step", "20", "--step", "5"], r"no model_000005.pt \(steps present: 20\)"),
+        (["--model", str(pair), "--phase", "base", "--phase", "sft", "--layer", "7"], "layer"),
+        (["--model", str(tmp_path / "nope"), "--phase", "base", "--phase", "sft"], "nope"),
+    ]
+    for args, message in cases:
+        rc, text = run_cli(["diff", *args, "--out", str(tmp_path / "d"), *DIFF])
+        assert rc == 2, (args, text)
+        line = text.strip().splitlines()[-1]  # after the stage headers on stdout, one line on stderr
+        assert line.startswith("nanosae: error:") and "Traceback" not in text
+        assert re.search(message, line), (message, line)
+    rc, text = run_cli(["train", "--model", str(pair), "--layer", "1", "--arch", "crosscoder", "--out",
+                        str(tmp_path / "t")])  # fmt: skip
+    assert rc == 2 and "nanosae diff --arch crosscoder" in text
