@@ -722,6 +722,9 @@ class ModelStream(ActivationStream):
             "buffer_tokens": buffer_tokens,
             "forward_rows": self.forward_rows,
         }
+        # the shuffle buffer's peak: the block, and with several ranks the gathered fill it is made of
+        copies = 2 if world_size > 1 else 1
+        self.buffer_bytes = copies * self.fill_rows * seq_len * self.d_in * model.compute_dtype.itemsize
         # the ranks that share the forwards; with `owned` each rank then takes whole global batches (rank 0 of 1)
         self.group = (rank, world_size)
         if self.owned is not None:
@@ -749,13 +752,20 @@ class ModelStream(ActivationStream):
     def _load(self, bid: tuple[int, ...]) -> torch.Tensor:
         ids = self._fill_tokens(bid[0])
         batches = ids.split(self.forward_rows)
+        keep = (ids != self.tokenizer.bos_token_id).to(self.model.device)
+        # the block is allocated once and filled forward by forward (BOS dropped): one fill in memory, not two
+        block = torch.empty((int(keep.sum()), self.d_in), dtype=self.model.compute_dtype, device=self.model.device)
+        at = 0
         with torch.no_grad():
             if self._distributed():
-                acts = self._gathered(batches)
+                acts = iter(self._gathered(batches))
             else:
-                acts = [self._cols(_site_acts(self.model, b, self.sites), self.block_sites) for b in batches]
-        keep = (ids != self.tokenizer.bos_token_id).flatten().to(self.model.device)
-        return torch.cat(acts)[keep]
+                acts = (self._cols(_site_acts(self.model, b, self.sites), self.block_sites) for b in batches)
+            for a, k in zip(acts, keep.split(self.forward_rows)):
+                rows = a[k.flatten()]
+                block[at : at + len(rows)] = rows
+                at += len(rows)
+        return block
 
     def _distributed(self) -> bool:
         return self.group[1] > 1 and dist_info() == self.group

@@ -619,7 +619,9 @@ def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, worl
             f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
             f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
         )
-    trainer = Trainer(cfg, widths or stream.d_in, _owned(cfg, world, rank) if cfg.distribute_sites else None)
+    owned = _owned(cfg, world, rank) if cfg.distribute_sites else None
+    _check_memory(cfg, stream, widths or {"": stream.d_in}, owned, rank)
+    trainer = Trainer(cfg, widths or stream.d_in, owned)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         if rank == 0:
@@ -628,6 +630,55 @@ def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, worl
     first = _next_batch(stream, cfg, trainer.replicas)
     trainer.init(first)
     return trainer, stream, first
+
+
+def memory_estimate(
+    cfg: TrainConfig, widths: dict[str, int], model: torch.nn.Module | None = None, buffer_bytes: int = 0,
+    owned: list[str] | None = None, replicas: int = 1,
+) -> dict[str, int]:  # fmt: skip
+    """The bytes a run (this process's share) holds at its peak, by part: the model's weights, each dictionary's
+    weights with their gradients and Adam's two moments (fp32), the stream's shuffle buffer, and a few batches
+    (this rank's rows at every site, a copy of each, and the widest dictionary's pre-activations, latents and their
+    gradient). widths: {site: d_in} ({"": d_in} for one site)."""
+    dictionaries, widest = 0, 0
+    for site, d_in in widths.items():
+        if owned is not None and site not in owned:
+            continue
+        for s in cfg.saes:
+            with torch.device("meta"):  # shapes only: nothing is allocated
+                sae = training_sae(s, d_in)
+            dictionaries += 4 * 4 * sum(p.numel() for p in sae.parameters())
+            widest = max(widest, sae.d_sae)
+    rows = cfg.batch_size // replicas
+    read = [d for site, d in widths.items() if owned is None or site in owned]
+    return {
+        "model": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) if model else 0,
+        "dictionaries": dictionaries,
+        "buffer": buffer_bytes,
+        "batches": 4 * (2 * rows * sum(read) + 3 * rows * widest),
+    }
+
+
+def _check_memory(cfg: TrainConfig, stream, widths: dict[str, int], owned: list[str] | None, rank: int) -> None:
+    """Before anything is allocated: a run at several sites states its memory estimate, and a run whose estimate
+    exceeds max_memory is refused."""
+    if not cfg.sites and not cfg.max_memory:
+        return
+    parts = memory_estimate(
+        cfg, widths, getattr(stream, "model", None), getattr(stream, "buffer_bytes", 0), owned,
+        1 if cfg.distribute_sites else dist_info()[1],
+    )  # fmt: skip
+    total = sum(parts.values())
+    shown = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items())
+    where = f"rank {rank}" if cfg.distribute_sites else "each process"
+    if cfg.max_memory and total > cfg.max_memory * 1e9:
+        raise NanosaeError(
+            f"this run needs about {total / 1e9:.2f} GB on {where} ({shown}), more than --max-memory "
+            f"{cfg.max_memory:g}; train fewer sites or narrower dictionaries per run, a smaller --batch-size, or "
+            "spread the sites over GPUs with torchrun --distribute-sites"
+        )
+    if rank == 0 and cfg.sites:
+        print(f"memory: about {total / 1e9:.2f} GB on {where} ({shown} GB)")
 
 
 def _owned(cfg: TrainConfig, world: int, rank: int) -> list[str]:

@@ -159,7 +159,7 @@ def test_cli_trains_and_collects_every_layer(d4, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "trained 4 SAE(s) on 2,048 tokens" in out
+    assert "trained 4 SAE(s) on 2,048 tokens" in out and "memory: about 0." in out  # stated before it starts
     for i in range(4):
         sae = load_sae(run / f"blocks.{i}.resid_post")  # one recipe: a folder per site
         assert (sae.cfg.hook_name, sae.cfg.d_in, sae.cfg.model_name) == (f"blocks.{i}.resid_post", 128, "nanochat-d4")
@@ -181,6 +181,7 @@ def test_cli_trains_and_collects_every_layer(d4, tmp_path, capsys):
         (f"train {common} --layers 9 --tokens 2048 --out {tmp_path / 'x'}", "layers 0..3"),
         (f"train --activations {caches / 'blocks.1.resid_post'} --layers all --out {tmp_path / 'x'}", "drop --model"),
         (f"train {common} --layer 1 --distribute-sites --out {tmp_path / 'x'}", "add --layers"),
+        (f"train {common} --layers all --max-memory 0.01 --out {tmp_path / 'x'}", "more than --max-memory 0.01;"),
     ]:
         assert main(argv.split()) == 2
         err = capsys.readouterr().err.strip()
