@@ -3,6 +3,9 @@ a one-site stream's, one forward per batch of rows), trainers that own some site
 `nanosae train|collect --layers` end to end (folders, resume after a crash, one cache per site)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,85 @@ def test_collect_sites_resumes_each_site_on_its_own(d4, tmp_path, monkeypatch):
     )
     again = collect_sites(model, tok, tmp_path, [A, B], 1000, **kw)
     assert again == first and forwards == [[B]]  # one shard (one forward of 4 rows), only at the site that lacks it
+
+
+DISTRIBUTED = """
+import sys
+
+import torch.distributed as dist
+
+from nanosae import load_model
+from nanosae.activations import model_stream, ranks_sites
+from nanosae.sae import SAETrainConfig
+from nanosae.train import TrainConfig, train
+
+sys.path.insert(0, {tests!r})
+from test_layers import SITES4, _Crash, _four_site_config
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model, tok, _ = load_model({model!r})
+crash, resume = int(sys.argv[1]), sys.argv[2] == "resume"
+
+
+def stream(state):
+    s = model_stream(model, tok, SITES4, None, 64, seq_len=64, buffer_tokens=256, rank=rank, world_size=world,
+                     state=state, owned=ranks_sites(SITES4, world)[rank])
+    return _Crash(s, crash) if crash else s
+
+
+try:
+    train(_four_site_config({out!r}, distribute_sites=True), stream, resume=resume, progress=False)
+except RuntimeError as e:
+    print(rank, e)
+dist.destroy_process_group()
+"""
+SITES4 = ["blocks.0.resid_post", "blocks.1.mlp_out", "blocks.2.resid_post", "blocks.3.mlp_hidden"]
+
+
+def _four_site_config(out, **kw):
+    saes = [SAETrainConfig(arch="topk", k=4, expansion=1), SAETrainConfig(arch="batchtopk", k=4, expansion=1)]
+    return TrainConfig(
+        saes=saes, sites=SITES4, tokens=12 * 64, batch_size=64, log_every=3, checkpoint_every=4, out=str(out), **kw
+    )
+
+
+def test_distribute_sites_on_two_gloo_ranks_equals_one_process_and_resumes_per_rank(d4, tmp_path):
+    """Real torchrun, 2 gloo ranks, 4 sites: rank 0 owns the first two sites' dictionaries, rank 1 the others;
+    each forwards half of every fill, receives its sites' activations of the whole fill, and steps its own SAEs
+    on whole global batches. A crash after the step-4 checkpoints, then a resume from each rank's own checkpoint,
+    ends where one process training all 8 SAEs on the same batches ends."""
+    model, tok, _ = d4
+    one = tmp_path / "one"
+    saes = train(
+        _four_site_config(one),
+        lambda state: model_stream(model, tok, SITES4, None, 64, seq_len=SEQ, buffer_tokens=256, state=state),
+        progress=False,
+    )
+    script = tmp_path / "run.py"
+    script.write_text(
+        DISTRIBUTED.format(tests=str(Path(__file__).parent), model=str(BASE_DIR), out=str(tmp_path / "two"))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    cut = subprocess.run([*run, "7", "new"], env=env, capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 0 and "power cut" in cut.stdout, cut.stderr[-3000:]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.glob("checkpoint-r*.pt")) == ["checkpoint-r0.pt", "checkpoint-r1.pt"]
+    r0, r1 = (read_checkpoint(two, f"checkpoint-r{r}.pt") for r in (0, 1))
+    assert r0["step"] == r1["step"] == 4 and len(r0["saes"]) == len(r1["saes"]) == 4  # two sites x two SAEs each
+    done = subprocess.run([*run, "0", "resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained 8 SAE(s)" in done.stdout  # the summary of both ranks' SAEs, printed once
+    for sae in saes:
+        name = sae.cfg.training["name"]
+        got = load_sae(two / sae.cfg.hook_name / name)
+        assert got.cfg.hook_name == sae.cfg.hook_name
+        for (k, a), b in zip(sae.state_dict().items(), got.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{sae.cfg.hook_name}/{name} {k}")
+
+    def log(run):
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(x["step"], x["sae"], round(x["fvu"], 5), round(x["l0"], 3)) for x in lines]
+
+    assert log("one") == log("two") and len(log("one")) == 4 * 8
