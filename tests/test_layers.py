@@ -223,17 +223,19 @@ from test_layers import SITES4, _Crash, _four_site_config
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model, tok, _ = load_model({model!r})
-crash, resume = int(sys.argv[1]), sys.argv[2] == "resume"
+crash, resume, distribute = int(sys.argv[1]), sys.argv[2] == "resume", sys.argv[3] == "distribute"
+owned = {{"owned": ranks_sites(SITES4, world)[rank]}} if distribute else {{}}
 
 
 def stream(state):
     s = model_stream(model, tok, SITES4, None, 64, seq_len=64, buffer_tokens=256, rank=rank, world_size=world,
-                     state=state, owned=ranks_sites(SITES4, world)[rank])
+                     state=state, **owned)
     return _Crash(s, crash) if crash else s
 
 
 try:
-    train(_four_site_config({out!r}, distribute_sites=True), stream, resume=resume, progress=False)
+    cfg = _four_site_config(sys.argv[4], distribute_sites=distribute)
+    train(cfg, stream, resume=resume, progress=False)
 except RuntimeError as e:
     print(rank, e)
 dist.destroy_process_group()
@@ -261,18 +263,20 @@ def test_distribute_sites_on_two_gloo_ranks_equals_one_process_and_resumes_per_r
         progress=False,
     )
     script = tmp_path / "run.py"
-    script.write_text(
-        DISTRIBUTED.format(tests=str(Path(__file__).parent), model=str(BASE_DIR), out=str(tmp_path / "two"))
-    )
+    script.write_text(DISTRIBUTED.format(tests=str(Path(__file__).parent), model=str(BASE_DIR)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    cut = subprocess.run([*run, "7", "new"], env=env, capture_output=True, text=True, timeout=300)
-    assert cut.returncode == 0 and "power cut" in cut.stdout, cut.stderr[-3000:]
     two = tmp_path / "two"
+    cut = subprocess.run(
+        [*run, "7", "new", "distribute", str(two)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert cut.returncode == 0 and "power cut" in cut.stdout, cut.stderr[-3000:]
     assert sorted(p.name for p in two.glob("checkpoint-r*.pt")) == ["checkpoint-r0.pt", "checkpoint-r1.pt"]
     r0, r1 = (read_checkpoint(two, f"checkpoint-r{r}.pt") for r in (0, 1))
     assert r0["step"] == r1["step"] == 4 and len(r0["saes"]) == len(r1["saes"]) == 4  # two sites x two SAEs each
-    done = subprocess.run([*run, "0", "resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*run, "0", "resume", "distribute", str(two)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained 8 SAE(s)" in done.stdout  # the summary of both ranks' SAEs, printed once
     for sae in saes:
@@ -287,3 +291,15 @@ def test_distribute_sites_on_two_gloo_ranks_equals_one_process_and_resumes_per_r
         return [(x["step"], x["sae"], round(x["fvu"], 5), round(x["l0"], 3)) for x in lines]
 
     assert log("one") == log("two") and len(log("one")) == 4 * 8
+
+    # without --distribute-sites the two ranks replicate every SAE and average gradients: data-parallel, equal to
+    # one process up to the order of the sums
+    ddp = tmp_path / "ddp"
+    rep = subprocess.run(
+        [*run, "0", "new", "replicated", str(ddp)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rep.returncode == 0 and not list(ddp.glob("checkpoint-r*")), rep.stderr[-3000:]
+    for sae in saes:
+        got = load_sae(ddp / sae.cfg.hook_name / sae.cfg.training["name"])
+        for a, b in zip(sae.state_dict().values(), got.state_dict().values()):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
