@@ -87,10 +87,12 @@ def model_identity(model: GPT) -> tuple[str, str]:
     return "unnamed", h.hexdigest()[:16]
 
 
-def _site_acts(model: GPT, ids: torch.Tensor, site: str) -> torch.Tensor:
-    """(B*T, d) activations at `site`, the forward stopped right after the block that holds it."""
-    _, acts = run_with_cache(model, ids.to(model.device), [site], stop_early=True)
-    return acts[site].reshape(-1, acts[site].size(-1))
+def _site_acts(model: GPT, ids: torch.Tensor, sites: list[str]) -> torch.Tensor:
+    """(B*T, sum of the widths) activations at `sites`, side by side in their order, from one forward stopped right
+    after the block that holds the deepest."""
+    _, acts = run_with_cache(model, ids.to(model.device), sites, stop_early=True)
+    flat = [acts[s].reshape(-1, acts[s].size(-1)) for s in sites]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
 def _row_batches(rows: Iterator[list[int]], n: int) -> Iterator[torch.Tensor]:
@@ -287,6 +289,29 @@ def collect(
     out: str | os.PathLike,
     site: str,
     tokens: int,
+    **options,
+) -> dict:
+    """Collect `tokens` activations at `site` into the cache folder `out` (resuming a previous run of the same
+    settings) and return its manifest. Under torch.distributed every rank calls this with the same arguments.
+    Options: source, dtype, seq_len, batch_size (rows per forward), shard_tokens, keep_bos, split, progress."""
+    site = canonical_site(site, model)
+    return _collect(model, tokenizer, {site: Path(out)}, tokens, **options)[site]
+
+
+def collect_sites(
+    model: GPT, tokenizer: Tokenizer, out: str | os.PathLike, sites: list[str], tokens: int, **options
+) -> dict[str, dict]:
+    """collect() at several sites in one pass: each forward runs once, up to the deepest site, and every site gets
+    its own cache folder out/<site> (each resumable on its own). Returns {site: manifest}."""
+    names = list(dict.fromkeys(canonical_site(s, model) for s in sites))
+    return _collect(model, tokenizer, {s: Path(out) / s for s in names}, tokens, **options)
+
+
+def _collect(
+    model: GPT,
+    tokenizer: Tokenizer,
+    outs: dict[str, Path],
+    tokens: int,
     *,
     source: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "float32",
@@ -296,55 +321,54 @@ def collect(
     keep_bos: bool = False,
     split: str | None = "train",
     progress: bool = True,
-) -> dict:
-    """Collect `tokens` activations at `site` into the cache folder `out` (resuming a previous run of the same
-    settings) and return its manifest. Under torch.distributed every rank calls this with the same arguments."""
-    site = canonical_site(site, model)
+) -> dict[str, dict]:
     if tokens < 1 or batch_size < 1 or shard_tokens < 1:
         raise NanosaeError("tokens, batch_size and shard_tokens must be positive")
     seq_len = seq_len or model.config.sequence_len
     if not 2 <= seq_len <= model.cos.size(1):
         raise NanosaeError(f"seq_len {seq_len} is out of range; this model takes 2..{model.cos.size(1)}")
     rank, world = dist_info()
-    out = Path(out)
     shard_rows = batch_size * max(1, round(shard_tokens / (batch_size * seq_len)))
-    header = _header(model, site, tokens, source, dtype, seq_len, batch_size, shard_rows, keep_bos, split)
-    if rank == 0:
-        manifest = _consolidate(out, header)
+    headers = {
+        s: _header(model, s, tokens, source, dtype, seq_len, batch_size, shard_rows, keep_bos, split) for s in outs
+    }
+    manifests = {s: _consolidate(out, headers[s]) for s, out in outs.items()} if rank == 0 else {}
     _barrier(world)
     if rank != 0:
-        manifest = _read_json(out / MANIFEST)
-    if manifest["complete"]:
-        if progress and rank == 0:
-            print(f"{out}: already complete ({manifest['total_tokens']:,} tokens in {manifest['num_shards']} shards)")
-        return manifest
-    done = {e["index"] for e in manifest["shards"]}
+        manifests = {s: _read_json(out / MANIFEST) for s, out in outs.items()}
+    todo = {s: out for s, out in outs.items() if not manifests[s]["complete"]}
+    for s, out in outs.items():
+        if s not in todo and progress and rank == 0:
+            m = manifests[s]
+            print(f"{out}: already complete ({m['total_tokens']:,} tokens in {m['num_shards']} shards)")
+    if not todo:
+        return manifests
+    done = {s: {e["index"] for e in manifests[s]["shards"]} for s in todo}
 
     t0 = time.perf_counter()
+    header = headers[next(iter(todo))]  # what the sites share: tokens, rows, dtype
     seen, n_shards, computed, t_fwd = _collect_shards(
-        model, tokenizer, out, header, source, done, rank, world, progress
+        model, tokenizer, todo, header, source, done, rank, world, progress
     )
     elapsed = time.perf_counter() - t0
     _barrier(world)
     if rank == 0:
-        manifest = _finish_manifest(out, header, manifest, seen, n_shards)
-        if progress:
-            size = sum(e["bytes"] for e in manifest["shards"])
-            short = f"; the source ran out before {tokens:,}" if seen < tokens else ""
-            print(
-                f"collected {seen:,} tokens{short} of {site} (d_in {header['d_in']}, {header['dtype']}) from "
-                f"{header['model_name']} into {out}: {n_shards} shard{'s' * (n_shards != 1)}, {size / 1e6:.1f} MB"
-                + (f", {len(done)} kept from an earlier run" if done else "")
-                + (
-                    f"; {computed / elapsed:,.0f} tok/s on rank 0, {t_fwd / elapsed:.0%} of the time in the forward"
-                    if computed
-                    else ""
+        for s, out in todo.items():
+            manifests[s] = m = _finish_manifest(out, headers[s], manifests[s], seen, n_shards)
+            if progress:
+                size = sum(e["bytes"] for e in m["shards"])
+                short = f"; the source ran out before {tokens:,}" if seen < tokens else ""
+                print(
+                    f"collected {seen:,} tokens{short} of {s} (d_in {m['d_in']}, {m['dtype']}) from "
+                    f"{m['model_name']} into {out}: {n_shards} shard{'s' * (n_shards != 1)}, {size / 1e6:.1f} MB"
+                    + (f", {len(done[s])} kept from an earlier run" if done[s] else "")
                 )
-            )
+        if progress and computed:
+            print(f"{computed / elapsed:,.0f} tok/s on rank 0, {t_fwd / elapsed:.0%} of the time in the forward")
     _barrier(world)
     if rank != 0:
-        manifest = _read_json(out / MANIFEST)
-    return manifest
+        manifests = {s: _read_json(out / MANIFEST) for s, out in outs.items()}
+    return manifests
 
 
 def _header(
@@ -385,23 +409,26 @@ def _header(
 def _collect_shards(
     model: GPT,
     tokenizer: Tokenizer,
-    out: Path,
+    outs: dict[str, Path],
     header: dict,
     source,
-    done: set[int],
+    done: dict[str, set[int]],
     rank: int,
     world: int,
     progress: bool,
 ) -> tuple[int, int, int, float]:
-    """Read the token rows in order and write this rank's shards (g % world == rank) that are not `done`: returns
-    the tokens kept by all ranks, the shards they fill, and this rank's computed tokens and forward seconds."""
-    site, tokens, seq_len, batch_size = header["site"], header["tokens"], header["context_size"], header["batch_size"]
+    """Read the token rows in order and write this rank's shards (g % world == rank) that some site has not `done`,
+    each forward reaching only the sites that need it: returns the tokens kept by all ranks, the shards they fill,
+    and this rank's computed tokens and forward seconds."""
+    tokens, seq_len, batch_size = header["tokens"], header["context_size"], header["batch_size"]
     torch_dtype = DTYPES[header["dtype"]]
-    writer = _ShardWriter(out, rank)
+    widths = {s: site_width(model, s) for s in outs}
+    writers = {s: _ShardWriter(out, rank) for s, out in outs.items()}
     bos = tokenizer.bos_token_id
     rows = token_rows(tokenizer, source, seq_len, header["split"], repeat=False)
     batches = _prefetch(_row_batches(rows, batch_size), depth=4)
-    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"collect {site}", disable=not progress or rank > 0)
+    what = next(iter(outs)) if len(outs) == 1 else f"{len(outs)} sites"
+    bar = tqdm(total=tokens, unit="tok", unit_scale=True, desc=f"collect {what}", disable=not progress or rank > 0)
     seen = 0  # tokens kept so far, all ranks together
     shard = 0
     t_fwd, computed = 0.0, 0
@@ -411,19 +438,21 @@ def _collect_shards(
                 group = list(itertools.islice(batches, header["shard_rows"] // batch_size))
                 if not group:
                     break  # the source ran out
-                mine = shard % world == rank and shard not in done
-                parts: dict[str, list[torch.Tensor]] = {"activations": [], "token_ids": [], "positions": []}
+                need = [s for s in outs if shard not in done[s]] if shard % world == rank else []
+                parts: dict[str, list[torch.Tensor]] = {s: [] for s in [*need, "token_ids", "positions"]}
                 n_rows = 0
                 for ids in group:
                     keep = torch.ones_like(ids, dtype=torch.bool) if header["keep_bos"] else ids != bos
                     take = min(int(keep.sum()), tokens - seen)
                     n_rows += len(ids)
-                    if mine:
+                    if need:
                         tf = time.perf_counter()
-                        acts = _site_acts(model, ids, site)
+                        acts = _site_acts(model, ids, need)
                         idx = keep.flatten().nonzero().squeeze(1)[:take]
-                        parts["activations"].append(acts[idx.to(acts.device)].to(torch_dtype).cpu())
+                        acts = acts[idx.to(acts.device)].to(torch_dtype).cpu()
                         t_fwd += time.perf_counter() - tf  # .cpu() waits for the device, so this is all compute
+                        for s, a in zip(need, acts.split([widths[s] for s in need], dim=1)):
+                            parts[s].append(a.contiguous() if len(need) > 1 else a)
                         parts["token_ids"].append(ids.flatten()[idx].int())
                         parts["positions"].append((idx % seq_len).int())
                         computed += take
@@ -431,14 +460,22 @@ def _collect_shards(
                     bar.update(take)
                     if seen >= tokens:
                         break
-                if mine:
-                    start = shard * header["shard_rows"]
-                    writer.put(shard, (start, start + n_rows), {k: torch.cat(v) for k, v in parts.items()})
+                start = shard * header["shard_rows"]
+                ids_pos = {k: torch.cat(parts[k]) for k in ("token_ids", "positions")} if need else {}
+                for s in need:
+                    writers[s].put(shard, (start, start + n_rows), {"activations": torch.cat(parts[s]), **ids_pos})
                 shard += 1
     finally:
         bar.close()
         batches.close()
-        writer.close()  # finished shards reach the disk even on Ctrl-C, so a re-run resumes after them
+        errors = []
+        for w in writers.values():  # finished shards reach the disk even on Ctrl-C, so a re-run resumes after them
+            try:
+                w.close()
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
     return seen, shard, computed, t_fwd
 
 
@@ -624,13 +661,19 @@ class ModelStream(ActivationStream):
     """Shuffled batches computed on the fly: fill k forwards token rows [k*R, (k+1)*R) (the data repeats
     forever), drops BOS positions and is permuted as one block. With torch.distributed initialised for this
     rank/world the forward batches of a fill are split across ranks and all-gathered; without it every rank
-    computes the whole fill (same result, W times the compute)."""
+    computes the whole fill (same result, W times the compute).
+
+    With several sites, one forward (up to the deepest) serves them all: a block holds the sites side by side and
+    each batch is a dict {site: (b, width)}, the same tokens at every site. With `owned` (a subset of the sites,
+    under torch.distributed), the ranks still split the forwards of each fill, but each rank receives only the
+    owned sites' activations of the whole fill (one gather per owner, an all-to-all) and gets whole global batches
+    of them: what a one-process stream gives at those sites."""
 
     def __init__(
         self,
         model: GPT,
         tokenizer: Tokenizer,
-        site: str,
+        site: str | list[str],
         source: str | os.PathLike | None,
         batch_size: int,
         seq_len: int | None = None,
@@ -638,18 +681,29 @@ class ModelStream(ActivationStream):
         rank: int = 0,
         world_size: int = 1,
         state: dict | None = None,
-        buffer_tokens: int = 1 << 18,
+        buffer_tokens: int | None = None,
         forward_rows: int = 8,
         split: str | None = "train",
+        owned: list[str] | None = None,
     ):
         self.model, self.tokenizer, self.source, self.split = model, tokenizer, source, split
-        self.site = canonical_site(site, model)
-        self.d_in = site_width(model, self.site)
+        sites = [site] if isinstance(site, str) else list(site)
+        self.sites = list(dict.fromkeys(canonical_site(s, model) for s in sites))
+        self.owned = None if owned is None else [canonical_site(s, model) for s in owned]
+        if self.owned is not None and not set(self.owned) <= set(self.sites):
+            raise NanosaeError(f"owned sites {self.owned} are not all among the stream's sites {self.sites}")
+        self.multi = len(self.sites) > 1 or self.owned is not None
+        self.site = self.sites[0] if not self.multi else ""
+        self.widths = {s: site_width(model, s) for s in self.sites}
+        self.block_sites = self.sites if self.owned is None else [s for s in self.sites if s in self.owned]
+        self.d_in = sum(self.widths[s] for s in self.block_sites)
         self.model_name, fingerprint = model_identity(model)
         self.context_size = seq_len = seq_len or model.config.sequence_len
         self.dataset = "builtin" if source is None else str(source)
         if not 2 <= seq_len <= model.cos.size(1):
             raise NanosaeError(f"seq_len {seq_len} is out of range; this model takes 2..{model.cos.size(1)}")
+        if buffer_tokens is None:  # several sites: the single-site buffer's bytes, at least a few batches
+            buffer_tokens = max((1 << 18) // len(self.sites), 4 * batch_size, seq_len * forward_rows)
         if buffer_tokens < seq_len:
             raise NanosaeError(f"buffer_tokens {buffer_tokens} must hold at least one row of {seq_len} tokens")
         fill_rows = buffer_tokens // seq_len
@@ -660,7 +714,7 @@ class ModelStream(ActivationStream):
         identity = {
             "kind": "model",
             "model": fingerprint,
-            "site": self.site,
+            **({"sites": self.sites} if self.multi else {"site": self.site}),
             "dataset": self.dataset,
             "split": split,
             "seq_len": seq_len,
@@ -668,6 +722,15 @@ class ModelStream(ActivationStream):
             "buffer_tokens": buffer_tokens,
             "forward_rows": self.forward_rows,
         }
+        # the shuffle buffer's peak: the block, and with several ranks the gathered fill it is made of
+        copies = 2 if world_size > 1 else 1
+        self.buffer_bytes = copies * self.fill_rows * seq_len * self.d_in * model.compute_dtype.itemsize
+        # the ranks that share the forwards; with `owned` each rank then takes whole global batches (rank 0 of 1)
+        self.group = (rank, world_size)
+        if self.owned is not None:
+            if self._distributed() and self.owned != ranks_sites(self.sites, world_size)[rank]:
+                raise NanosaeError(f"rank {rank} must own {ranks_sites(self.sites, world_size)[rank]} of {self.sites}")
+            rank, world_size = 0, 1
         super().__init__(batch_size, rank, world_size, identity, state)
 
     def _first(self) -> tuple[int, ...]:
@@ -689,35 +752,78 @@ class ModelStream(ActivationStream):
     def _load(self, bid: tuple[int, ...]) -> torch.Tensor:
         ids = self._fill_tokens(bid[0])
         batches = ids.split(self.forward_rows)
+        keep = (ids != self.tokenizer.bos_token_id).to(self.model.device)
+        # the block is allocated once and filled forward by forward (BOS dropped): one fill in memory, not two
+        block = torch.empty((int(keep.sum()), self.d_in), dtype=self.model.compute_dtype, device=self.model.device)
+        at = 0
         with torch.no_grad():
-            if self.world_size > 1 and dist_info() == (self.rank, self.world_size):
-                acts = self._gathered(batches)
+            if self._distributed():
+                acts = iter(self._gathered(batches))
             else:
-                acts = [self._acts(b) for b in batches]
-        keep = (ids != self.tokenizer.bos_token_id).flatten().to(self.model.device)
-        return torch.cat(acts)[keep]
+                acts = (self._cols(self._acts(b), self.block_sites) for b in batches)
+            for a, k in zip(acts, keep.split(self.forward_rows)):
+                rows = a[k.flatten()]
+                block[at : at + len(rows)] = rows
+                at += len(rows)
+        return block
 
-    def _acts(self, ids: torch.Tensor) -> torch.Tensor:
-        return _site_acts(self.model, ids, self.site)
+    def _distributed(self) -> bool:
+        return self.group[1] > 1 and dist_info() == self.group
+
+    def _cols(self, acts: torch.Tensor, sites: list[str]) -> torch.Tensor:
+        """The columns of `sites` in `acts`, which holds every site of the stream side by side."""
+        if sites == self.sites:
+            return acts
+        cuts = list(itertools.accumulate([0, *(self.widths[s] for s in self.sites)]))
+        col = dict(zip(self.sites, zip(cuts, cuts[1:])))
+        return torch.cat([acts[:, col[s][0] : col[s][1]] for s in sites], dim=1)
+
+    def _acts(self, ids: torch.Tensor) -> torch.Tensor:  # every site's activations side by side, (rows, width)
+        return _site_acts(self.model, ids, self.sites)
 
     def _gathered(self, batches: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        # rank r forwards batches r, r+W, …; equal-shape all_gather, padded with zeros where a rank has one less
-        W, n = self.world_size, len(batches)
+        # rank r forwards batches r, r+W, …; equal-shape all_gather (with `owned`: a gather to each owner of its
+        # sites' columns), padded with zeros where a rank has one less
+        (rank, W), n = self.group, len(batches)
         per = math.ceil(n / W)
-        mine = [self._acts(batches[j]) for j in range(self.rank, n, W)]
-        shape = (self.forward_rows * self.context_size, self.d_in)
-        local = torch.zeros((per, *shape), dtype=self.model.compute_dtype, device=self.model.device)
-        for i, a in enumerate(mine):
-            local[i] = a
-        got = [torch.empty_like(local) for _ in range(W)]
-        dist.all_gather(got, local)
+        mine = [self._acts(batches[j]) for j in range(rank, n, W)]
+        owners = [self.sites] if self.owned is None else ranks_sites(self.sites, W)
+        got = None
+        for owner, sites in enumerate(owners):
+            width = sum(self.widths[s] for s in sites)
+            shape = (per, self.forward_rows * self.context_size, width)
+            send = torch.zeros(shape, dtype=self.model.compute_dtype, device=self.model.device)
+            for i, a in enumerate(mine):
+                send[i] = self._cols(a, sites)
+            if self.owned is None:
+                got = [torch.empty_like(send) for _ in range(W)]
+                dist.all_gather(got, send)
+            else:
+                recv = [torch.empty_like(send) for _ in range(W)] if owner == rank else None
+                dist.gather(send, recv, dst=owner)
+                got = recv if owner == rank else got
         return [got[j % W][j // W] for j in range(n)]
 
+    def __next__(self):
+        x = super().__next__()
+        if not self.multi:
+            return x
+        return dict(zip(self.block_sites, x.split([self.widths[s] for s in self.block_sites], dim=1)))
 
-def model_stream(model: GPT, tokenizer: Tokenizer, site: str, source, batch_size: int, **options) -> ActivationStream:
+
+def ranks_sites(sites: list[str], world: int) -> list[list[str]]:
+    """Which sites each rank owns under --distribute-sites: contiguous runs of the site list, as even as possible
+    (a rank owns none when there are fewer sites than ranks)."""
+    return [sites[len(sites) * r // world : len(sites) * (r + 1) // world] for r in range(world)]
+
+
+def model_stream(
+    model: GPT, tokenizer: Tokenizer, site: str | list[str], source, batch_size: int, **options
+) -> ActivationStream:
     """Endless shuffled float32 batches (on the model's device) computed straight from the model, BOS excluded;
-    no cache needed. A resume re-tokenizes (but does not forward) the rows before its position. Options: those of
-    ModelStream (seq_len, seed, rank, world_size, state, buffer_tokens, forward_rows, split)."""
+    no cache needed; with a list of sites, dicts {site: batch} from one forward. A resume re-tokenizes (but does
+    not forward) the rows before its position. Options: those of ModelStream (seq_len, seed, rank, world_size,
+    state, buffer_tokens (default 2^18 rows, divided among several sites), forward_rows, split, owned)."""
     return ModelStream(model, tokenizer, site, source, batch_size, **options)
 
 
@@ -732,6 +838,7 @@ class PairedModelStream(ModelStream):
         canonical_site(self.site, model_b)
         check_pair(model, model_b, self.site)
         self.d_in *= 2
+        self.widths[self.site] *= 2  # the row of a site is [a^A ; a^B]
         name_b, fingerprint_b = model_identity(model_b)
         self.model_names = (self.model_name, name_b)
         self.model_name = f"{self.model_name} vs {name_b}"
@@ -740,8 +847,8 @@ class PairedModelStream(ModelStream):
             raise NanosaeError("stream state does not belong to this pair of models; pass the models the run used")
 
     def _acts(self, ids: torch.Tensor) -> torch.Tensor:
-        a = _site_acts(self.model, ids, self.site)
-        return torch.cat([a, _site_acts(self.model_b, ids, self.site).to(a)], dim=1)
+        a = _site_acts(self.model, ids, self.sites)
+        return torch.cat([a, _site_acts(self.model_b, ids, self.sites).to(a)], dim=1)
 
 
 def check_pair(model_a: GPT, model_b: GPT, site: str) -> None:

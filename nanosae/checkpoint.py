@@ -224,6 +224,19 @@ def model_fingerprint(path: Path) -> str:
     return f"{path.stat().st_size}-{sha256_file(path, limit=16 << 20)[:16]}"
 
 
+def model_depth(path: str | os.PathLike, step: int | None = None, phase: str | None = None) -> int:
+    """The number of blocks of the model load_model(path, step, phase=phase) loads, from its config alone (to name
+    every layer's sites before the weights are read)."""
+    if (folder := hf_folder(path)) is not None:
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise NanosaeError(f"{folder / 'config.json'}: not valid JSON ({e}); copy it again") from None
+        return hf_architecture(cfg, folder / "config.json")[0].n_layer
+    files = resolve(path, step, phase)
+    return config_from_meta(read_meta(files.meta), files.meta).n_layer
+
+
 def load_model(
     path: str | os.PathLike,
     step: int | None = None,

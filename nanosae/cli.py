@@ -158,17 +158,19 @@ def _token_count(s: str) -> int:
 
 
 def cmd_collect(args) -> None:
-    from .activations import collect
+    from .activations import collect, collect_sites
     from .distributed import torchrun_group
 
-    site = _site(args)
+    sites = _sites(args)
     with torchrun_group(args.device) as args.device:  # under torchrun each rank collects its share of the shards
         model, tok, _ = _load(args)
-        collect(
+        # several sites: one pass, a cache folder per site (out/<site>)
+        collect_one = collect if len(sites) == 1 else collect_sites
+        collect_one(
             model,
             tok,
             args.out,
-            site,
+            sites[0] if len(sites) == 1 else sites,
             args.tokens,
             source=None if args.data == "builtin" else args.data,
             dtype=args.dtype,
@@ -186,6 +188,22 @@ def _site(args) -> str:
     if args.layer is None and "." not in args.site and args.site not in ("embed", "final"):
         raise NanosaeError(f"--site {args.site} needs --layer (or pass a full site like blocks.3.{args.site})")
     return args.site if args.layer is None else site_name(args.layer, args.site)
+
+
+def _sites(args) -> list[str]:
+    """The sites that --layer/--layers and --site name: one (as _site), or with --layers (all, or a list), a comma
+    list or a glob (blocks.*.resid_post) several, in forward order (the model's config gives its depth)."""
+    from .checkpoint import model_depth
+    from .hooks import expand_sites
+
+    layers = getattr(args, "layers", None)
+    if layers is None and "," not in args.site and "*" not in args.site:
+        return [_site(args)]
+    if layers is not None and args.layer is not None:
+        raise NanosaeError("--layer names one layer and --layers several; give one of them")
+    if not args.model:
+        raise NanosaeError("several sites are read from the model: pass --model (a cache holds one site)")
+    return expand_sites(args.site, model_depth(args.model, args.step, args.phase), layers)
 
 
 def _comma_list(kind, container=list):
@@ -266,7 +284,10 @@ def _from_flags(cls, args, **values):
 # train: SAE flags that take comma lists (one SAE per combination), and the TrainConfig fields that the model and
 # site flags (shared with the other commands) set
 SWEEP = ("arch", "k", "expansion", "sparsity_coeff")
-SOURCE = ("model", "model_step", "phase", "tokenizer", "generation", "device", "site", "data", "seq_len", "activations")
+SOURCE = (
+    "model", "model_step", "phase", "tokenizer", "generation", "device", "site", "sites", "data", "seq_len",
+    "activations",
+)  # fmt: skip
 
 
 def _train_config(args):
@@ -291,17 +312,21 @@ def _train_config(args):
         seen.add(key)
         sweep = {"arch": arch, "k": k, "expansion": expansion, "sparsity_coeff": None if topk else coeff}
         saes.append(_from_flags(SAETrainConfig, args, **sweep))
-    if args.activations and (args.model or args.layer is not None):
-        raise NanosaeError("--activations trains on the cache's own model and site; drop --model/--layer")
+    if args.activations and (args.model or args.layer is not None or args.layers is not None):
+        raise NanosaeError("--activations trains on the cache's own model and site; drop --model/--layer/--layers")
     if not args.activations and not args.model:
         raise NanosaeError("pass --model and --layer (streams from the model) or --activations DIR (a collected cache)")
+    sites = [] if args.activations else _sites(args)
+    if args.distribute_sites and len(sites) < 2:
+        raise NanosaeError("--distribute-sites spreads the sites of one run over the ranks: add --layers (or a glob)")
     return _from_flags(
         TrainConfig,
         args,
         saes=saes,
         model=args.model or "",
         model_step=args.step,
-        site="" if args.activations else _site(args),
+        site=sites[0] if len(sites) == 1 else "",
+        sites=sites if len(sites) > 1 else [],
         data=None if args.data == "builtin" else args.data,
         activations=args.activations or "",
     )
@@ -330,6 +355,7 @@ def _resume_config(args):
     filled in with them, so the model and site load as for a new run."""
     import dataclasses
 
+    from .hooks import parse_site
     from .sae import SAETrainConfig
     from .train import TrainConfig, changed_settings, read_checkpoint
 
@@ -341,6 +367,10 @@ def _resume_config(args):
     # a source given replaces the saved one (rather than meeting it in one command line)
     if "site" in args.given and "layer" not in args.given and ("." in args.site or args.site in ("embed", "final")):
         args.layer = None  # a full site name needs no layer
+    if "layers" in args.given:  # --layers takes site kinds: the saved sites' kinds unless --site is given too
+        args.layer = None
+        if "site" not in args.given and saved.sites:
+            args.site = ",".join(dict.fromkeys(parse_site(s)[1] for s in saved.sites))
     if "activations" in args.given and not args.given & {"model", "layer"}:
         args.model = args.layer = None
     if "model" in args.given and "activations" not in args.given:
@@ -373,8 +403,9 @@ def _saved_flags(saved) -> dict:
         tokenizer=saved.tokenizer,
         generation=saved.generation,
         device=saved.device,
-        layer=layer,
-        site=kind,
+        layer=None if saved.sites else layer,
+        layers=None,
+        site=",".join(saved.sites) if saved.sites else kind,
         data=saved.data or "builtin",
         seq_len=saved.seq_len,
         activations=saved.activations or None,
@@ -393,14 +424,17 @@ def _describe(differ: list[str], asked, saved, given: set[str]) -> str:
         pairs = list(zip(asked.saes, saved.saes)) if len(asked.saes) == len(saved.saes) else []
         fields = {k for a, b in pairs for k, v in vars(a).items() if getattr(b, k) != v} or set(SWEEP) & given
         differ = sorted(set(differ) - {"saes"} | fields)
-    flags, parts = {**_saved_flags(saved), "model_step": saved.model_step, "site": saved.site}, []
+    flags = {**_saved_flags(saved), "model_step": saved.model_step, "site": saved.site, "sites": saved.sites}
+    parts = []
     for k in differ:
         values = flags[k] if isinstance(flags[k], list) else [flags[k]]
         shown = ",".join(
             "default" if v in (None, "", ()) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
             for v in values
         )
-        flag = {"model_step": "--step", "site": "--layer/--site"}.get(k, "--" + k.replace("_", "-"))
+        flag = {"model_step": "--step", "site": "--layer/--site", "sites": "--layers/--site"}.get(
+            k, "--" + k.replace("_", "-")
+        )
         parts.append(f"{flag} (saved {shown})")
     return ", ".join(parts)
 
@@ -419,15 +453,19 @@ def cmd_train(args) -> None:
             def stream_fn(state):
                 return cache_stream(cfg.activations, cfg.batch_size, cfg.seed, rank, world, state)
         else:
-            from .activations import model_stream
+            from .activations import model_stream, ranks_sites
 
             model, tok, _ = _load(args)
+            if cfg.distribute_sites and len(cfg.sites) < world:
+                raise NanosaeError(f"--distribute-sites needs a site per rank: {len(cfg.sites)} sites, {world} ranks")
+            # with --distribute-sites this rank's stream gives whole global batches of the sites it owns
+            owned = {"owned": ranks_sites(cfg.sites, world)[rank]} if cfg.distribute_sites else {}
 
             def stream_fn(state):
                 return model_stream(
                     model,
                     tok,
-                    cfg.site,
+                    cfg.sites or cfg.site,
                     cfg.data,
                     cfg.batch_size,
                     seq_len=cfg.seq_len,
@@ -435,6 +473,7 @@ def cmd_train(args) -> None:
                     rank=rank,
                     world_size=world,
                     state=state,
+                    **owned,
                 )
 
         eval_fn = None
@@ -751,21 +790,27 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 def _site_flags(p: argparse.ArgumentParser) -> None:
     """Where activations come from: a site of the model and the text it reads (collect, and train with --model)."""
     p.add_argument("--layer", type=int, default=None, help="block index of the site")
-    p.add_argument("--site", default="resid_post", help="site kind (resid_post, mlp_out, …) or a full site name")
+    p.add_argument("--layers", default=None, help="several layers from one pass: all, or a list like 0,4,8")
+    p.add_argument(
+        "--site",
+        default="resid_post",
+        help="site kind (resid_post, mlp_out, …) or full site name; comma lists and globs (blocks.*.resid_post) "
+        "name several sites, read in one pass",
+    )
     p.add_argument("--data", default="builtin", help="text/.jsonl/.parquet file or folder, or builtin")
     p.add_argument("--seq-len", type=int, default=None, help="context size (default: the model's)")
 
 
 def _collect_flags(p: argparse.ArgumentParser) -> None:
-    from .activations import collect
+    from .activations import _collect
 
     _model_args(p)
     _site_flags(p)
     p.add_argument("--tokens", type=_token_count, required=True, help="activations to collect (e.g. 2M)")
     p.add_argument("--out", required=True, help="cache folder; re-running the same command resumes it")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="storage dtype")
-    p.add_argument("--batch-size", type=int, default=_default(collect, "batch_size"), help="rows per forward")
-    p.add_argument("--shard-tokens", type=_token_count, default=_default(collect, "shard_tokens"), help="per shard")
+    p.add_argument("--batch-size", type=int, default=_default(_collect, "batch_size"), help="rows per forward")
+    p.add_argument("--shard-tokens", type=_token_count, default=_default(_collect, "shard_tokens"), help="per shard")
     p.add_argument("--keep-bos", action="store_true", help="keep the <|bos|> positions (dropped by default)")
 
 

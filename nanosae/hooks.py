@@ -11,6 +11,7 @@ x[:, 0] (the KV-cache offset in decode steps, 0 in full forwards).
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -76,6 +77,51 @@ def saelens_hook_name(site: str) -> str:
 def site_width(model: GPT, site: str) -> int:
     _, kind = parse_site(site)
     return 4 * model.config.n_embd if kind == "mlp_hidden" else model.config.n_embd
+
+
+def expand_sites(spec: str, n_layer: int, layers: str | None = None) -> list[str]:
+    """The sites a --site/--layers pair names, in forward order: with layers ("all" or "0,5,7") the site kinds of
+    spec (resid_post, or a comma list) at each of those layers; without, spec's comma-separated site names, where
+    `*` matches any layer (blocks.*.resid_post)."""
+    all_layers = range(n_layer)
+    if layers is not None:
+        if layers.strip() == "all":
+            picked = list(all_layers)
+        else:
+            try:
+                picked = [int(v) for v in layers.split(",") if v.strip()]
+            except ValueError:
+                raise NanosaeError(f"--layers {layers!r}: give all or a comma list of layers, e.g. 0,3,5") from None
+        if bad := [i for i in picked if not 0 <= i < n_layer]:
+            raise NanosaeError(f"--layers {bad[0]}: the model has layers 0..{n_layer - 1}; pick some of those")
+        kinds = [k.strip() for k in spec.split(",") if k.strip()]
+        if any("." in k or k in GLOBAL_SITES for k in kinds):
+            raise NanosaeError(f"--layers takes site kinds (--site resid_post,mlp_out), not full names like {spec!r}")
+        names = [site_name(i, k) for i in picked for k in kinds]
+    else:
+        every = ["embed", *(f"blocks.{i}.{k}" for i in all_layers for k in LAYER_SITES), "final"]
+        names = []
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            if "*" in part:
+                got = [s for s in every if fnmatch.fnmatchcase(s, part)]
+                if not got:
+                    raise NanosaeError(f"--site {part!r} matches no site; e.g. blocks.*.resid_post")
+                names += got
+            else:
+                names.append(part)
+    names = [canonical_site(s) for s in names]
+    for s in names:
+        layer, _ = parse_site(s)
+        if layer is not None and layer >= n_layer:
+            raise NanosaeError(f"site {s!r}: the model has layers 0..{n_layer - 1}; pick one of those")
+
+    def depth(s: str) -> tuple[int, int]:
+        layer, kind = parse_site(s)
+        if layer is None:
+            return (-1 if kind == "embed" else n_layer, 0)
+        return (layer, LAYER_SITES.index(kind))
+
+    return sorted(dict.fromkeys(names), key=depth)
 
 
 def sae_site(model: GPT, sae, check_model: bool = False) -> str:

@@ -11,12 +11,18 @@ latents at a time.
 
 An activation stream is an iterator of float32 (batch_size // world_size, d_in) tensors with attributes d_in,
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
-(nanosae.activations.model_stream / cache_stream).
+(nanosae.activations.model_stream / cache_stream). A run with several sites (TrainConfig.sites) reads a stream of
+dicts {site: batch} (the same tokens at every site, from one forward) with a `widths` dict {site: d_in}, and trains
+every SAE recipe at every site; each learner reads the batch of its own site (Trainer.input). Under torchrun with
+distribute_sites, each rank owns the dictionaries of some sites (nanosae.activations.ranks_sites), its stream gives
+whole global batches of those sites, and it steps only those, with no gradient all-reduce; each rank keeps its own
+checkpoint (checkpoint-r<rank>.pt).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -39,7 +45,7 @@ from .sae import SAE, LossOut, SAETrainConfig, TopKSAE, TrainingSAE, training_sa
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # settings a resumed run may change; everything else must match the checkpoint (or the result would differ)
-RESUMABLE = ("log_every", "checkpoint_every", "eval_every", "out", "device")
+RESUMABLE = ("log_every", "checkpoint_every", "eval_every", "out", "device", "max_memory")
 
 
 @dataclass
@@ -67,6 +73,9 @@ class TrainConfig:
     tokenizer: str | None = None
     generation: str | None = None
     site: str = ""
+    sites: list[str] = field(default_factory=list)  # several sites: every SAE recipe at each, from one stream
+    distribute_sites: bool = False  # under torchrun: each rank trains the dictionaries of its share of the sites
+    max_memory: float | None = None  # GB the run may use; refused before it starts when the estimate is above
     data: str | None = None
     seq_len: int | None = None
     activations: str = ""
@@ -123,6 +132,10 @@ def _warmup_steps(cfg: TrainConfig) -> int:
     return cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, cfg.steps // 20)
 
 
+def _site_seed(seed: int, site: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{site}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 def _dead_tokens(cfg: TrainConfig) -> int:
     return cfg.dead_tokens if cfg.dead_tokens is not None else max(cfg.batch_size, min(10_000_000, cfg.tokens // 10))
 
@@ -138,8 +151,10 @@ class NonFiniteLoss(NanosaeError):
 class _Learner:
     """One SAE of a run with its optimizer and bookkeeping (all of it saved in checkpoints)."""
 
-    def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int):
+    def __init__(self, sae: TrainingSAE, dead_tokens: int, density_tokens: int, world: int, site: str = ""):
         self.sae, self.dead_tokens, self.density_tokens = sae, dead_tokens, density_tokens
+        self.site = site  # the site it reads in a run of several sites ("" in a one-site run)
+        self.name = f"{site}/{sae.cfg.name}" if site else sae.cfg.name
         sae.world = world  # its collectives (AuxK's variance, BatchTopK's cutoff) span the ranks
         c, dev = sae.cfg, sae.W_dec.device
         # sparse_update: the TopK family's W_enc and W_dec get their gradients from a RowGrads collector and Adam
@@ -271,21 +286,27 @@ def adam_rows(
 
 
 def _global_stats(
-    outs: list[LossOut], x: torch.Tensor, stop: bool, world: int
-) -> tuple[bool, float, float, list[dict]]:
+    outs: list[LossOut], inputs: dict[str, torch.Tensor], stop: bool, world: int
+) -> tuple[bool, float, dict[str, float], list[dict]]:
     """The step's statistics over the global batch, summed over the ranks in one all-reduce of one float64 vector:
-    whether any rank asked to stop, the token count n, the tokens' summed squared distance to their mean (from the
-    sums of x and |x|^2), and each SAE's loss, sse, aux, extras and firings."""
-    flags = torch.tensor([float(stop), float(x.shape[0])], dtype=torch.float64, device=x.device)
-    parts = [flags, x.sum(0), torch.dot(x.view(-1), x.view(-1))]
+    whether any rank asked to stop, the token count n, for each input (by site) the tokens' summed squared distance
+    to their mean (from the sums of x and |x|^2), and each SAE's loss, sse, aux, extras and firings."""
+    x0 = next(iter(inputs.values()))
+    flags = torch.tensor([float(stop), float(x0.shape[0])], dtype=torch.float64, device=x0.device)
+    parts = [flags]
+    for x in inputs.values():
+        parts += [x.sum(0), torch.dot(x.reshape(-1), x.reshape(-1))]
     parts += [t for o in outs for t in (o.loss.detach(), o.sse, o.aux, *o.extra.values(), o.fired)]
     stats = torch.cat([t.double().reshape(-1) for t in parts])
     if world > 1:
         dist.all_reduce(stats)
     summed = iter(stats.split([t.numel() for t in parts]))
-    flags, x_sum, x_sq = next(summed), next(summed), next(summed)
+    flags = next(summed)
     stop, n = flags[0].item() > 0, flags[1].item()
-    var = x_sq.item() - x_sum.pow(2).sum().item() / n
+    var = {}
+    for site in inputs:
+        x_sum, x_sq = next(summed), next(summed)
+        var[site] = x_sq.item() - x_sum.pow(2).sum().item() / n
     results = []
     for o in outs:
         loss, sse, aux, *extra = (next(summed).view(()) for _ in range(3 + len(o.extra)))
@@ -298,11 +319,16 @@ def _global_stats(
 
 class Trainer:
     """The SAEs of a run with their optimizers and counters. `step(x)` trains them all on one batch (this rank's
-    share of it); `state_dict()` is what a checkpoint holds. Draws its initial weights from cfg.seed."""
+    share of it; with several sites a dict {site: batch}); `state_dict()` is what a checkpoint holds. Draws its
+    initial weights from cfg.seed (with several sites, each site's from cfg.seed and the site, so that a rank
+    owning some sites builds the same dictionaries as one process building them all). d_in: the input width, or
+    {site: width} with several sites; owned: the sites whose dictionaries this process trains (default: all)."""
 
-    def __init__(self, cfg: TrainConfig, d_in: int):
+    def __init__(self, cfg: TrainConfig, d_in: int | dict[str, int], owned: list[str] | None = None):
         self.cfg, self.d_in = cfg, d_in
         self.rank, self.world = dist_info()
+        # the ranks that share each batch and average gradients: none when each rank owns its sites' dictionaries
+        self.replicas = 1 if cfg.distribute_sites else self.world
         if cfg.steps < 1:
             raise NanosaeError(
                 f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size}; train on more tokens"
@@ -312,11 +338,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.dead_tokens = _dead_tokens(cfg)
         device = torch.device(cfg.device)
-        self.learners = [
-            _Learner(training_sae(s, d_in).to(device), self.dead_tokens, cfg.density_tokens, self.world)
-            for s in cfg.saes
-        ]
-        names = [learner.sae.cfg.name for learner in self.learners]
+        self.learners = []
+        for site in cfg.sites or [""]:
+            if owned is not None and site not in owned:
+                continue
+            if site:
+                torch.manual_seed(_site_seed(cfg.seed, site))
+            width = d_in[site] if isinstance(d_in, dict) else d_in
+            for s in cfg.saes:
+                sae = training_sae(s, width).to(device)
+                self.learners.append(_Learner(sae, self.dead_tokens, cfg.density_tokens, self.replicas, site))
+        names = [learner.name for learner in self.learners]
         if len(set(names)) != len(names):
             raise NanosaeError(f"several SAEs share a name ({', '.join(names)}); give each a distinct name")
         self.step_count = 0
@@ -325,17 +357,26 @@ class Trainer:
         self._sparsity_warmup_steps = max(1, int(cfg.sparsity_warmup_frac * cfg.steps))
         self._resample_at = {cfg.steps * j // 5 for j in range(1, 5)}
 
-    def init(self, x: torch.Tensor) -> None:
-        """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's x belongs to."""
-        sample = self.learners[0].sae.world_gather(x)  # every rank's rows: the global batch
+    @staticmethod
+    def input(learner: _Learner, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a learner reads from a step's batch: the batch itself, or its site's part of a several-site batch."""
+        return batch if isinstance(batch, torch.Tensor) else batch[learner.site]
+
+    def init(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """Data-dependent init (input scale, b_dec, MSE normaliser) from the global batch this rank's batch
+        belongs to."""
+        samples = {}
         for learner in self.learners:
-            learner.sae.init_from_sample(sample)
+            if learner.site not in samples:  # every rank's rows: the global batch
+                samples[learner.site] = learner.sae.world_gather(self.input(learner, batch))
+            learner.sae.init_from_sample(samples[learner.site])
             learner.sae.normalize_decoder()
-            if self.world > 1:
+            if self.replicas > 1:
                 _broadcast(learner.sae)
 
-    def step(self, x: torch.Tensor, stop: bool = False) -> bool:
-        """One optimisation step of every SAE on x; returns whether any rank asked to stop (after this step)."""
+    def step(self, batch: torch.Tensor | dict[str, torch.Tensor], stop: bool = False) -> bool:
+        """One optimisation step of every SAE on its input from `batch`; returns whether any rank asked to stop
+        (after this step)."""
         step, cfg = self.step_count, self.cfg
         self.lr_factor = lr_factor(step, cfg.steps, self._lr_warmup_steps, cfg.lr_decay_frac)
         sparsity_warmup = min(1.0, (step + 1) / self._sparsity_warmup_steps)  # λ's factor
@@ -344,22 +385,29 @@ class Trainer:
             # sparse_update (TopK family, one CPU process): the backward leaves W_enc's and W_dec's gradients in
             # `grads`, unevaluated (nanosae.sparse.RowGrads), and their .grad None; the rest goes to .grad as usual
             grads = sparse.RowGrads() if learner.sparse_update else None
-            out = learner.sae.loss(x, learner.aux_latents, sparsity_warmup, grads)
+            out = learner.sae.loss(self.input(learner, batch), learner.aux_latents, sparsity_warmup, grads)
             out.loss.backward()
             outs.append(out)
             row_grads.append(grads)
-        stop, n, var, results = _global_stats(outs, x, stop, self.world)
-        if self.world > 1:
+        inputs = {learner.site: self.input(learner, batch) for learner in self.learners}
+        stop, n, var, results = _global_stats(outs, inputs, stop, self.replicas)
+        if self.replicas > 1:
             for learner in self.learners:
-                _all_reduce_grads(list(learner.sae.parameters()), self.world)
-        for learner, r in zip(self.learners, results):
-            if not math.isfinite(r["loss"]):
-                raise NonFiniteLoss(f"step {step}: the loss of {learner.sae.cfg.name} is {r['loss']}; stopped.")
+                _all_reduce_grads(list(learner.sae.parameters()), self.replicas)
+        bad = [(learner.name, r["loss"]) for learner, r in zip(self.learners, results) if not math.isfinite(r["loss"])]
+        if self.replicas < self.world:  # ranks own different SAEs: they agree on stopping (and on failing) here
+            flags = torch.tensor([float(stop), float(bool(bad))], device=inputs[self.learners[0].site].device)
+            dist.all_reduce(flags)
+            stop = flags[0].item() > 0
+            if flags[1].item() > 0 and not bad:
+                raise NonFiniteLoss(f"step {step}: the loss of an SAE on another rank is not finite; stopped.")
+        for name, loss in bad:
+            raise NonFiniteLoss(f"step {step}: the loss of {name} is {loss}; stopped.")
         for learner, r, grads in zip(self.learners, results, row_grads):
             learner.optimize(self.lr_factor, grads)  # Adam: from .grad, and W_enc/W_dec from grads by adam_rows
-            learner.record(r, self.lr_factor, n, var)
+            learner.record(r, self.lr_factor, n, var[learner.site])
             if step + 1 in self._resample_at and learner.sae.cfg.resample:
-                self._resample(learner, x)
+                self._resample(learner, self.input(learner, batch))
         self.step_count += 1
         return stop
 
@@ -367,7 +415,7 @@ class Trainer:
         dead = learner.dead
         if learner.sae.resample(dead, x, learner.opt):
             learner.since_fired[dead] = 0
-            if self.world > 1:
+            if self.replicas > 1:
                 _broadcast(learner.sae)
 
     def state_dict(self) -> dict:
@@ -388,9 +436,17 @@ class Trainer:
 # checkpoints
 
 
-def read_checkpoint(out: str | Path) -> dict:
-    """The checkpoint of a run folder: config, step, SAE and Adam states, counters, RNG, stream positions."""
-    path = Path(out) / CHECKPOINT
+def checkpoint_name(cfg: TrainConfig, rank: int) -> str:
+    """checkpoint.pt, or with distribute_sites each rank's own checkpoint-r<rank>.pt (its SAEs only)."""
+    return f"checkpoint-r{rank}.pt" if cfg.distribute_sites else CHECKPOINT
+
+
+def read_checkpoint(out: str | Path, name: str | None = None) -> dict:
+    """The checkpoint of a run folder: config, step, SAE and Adam states, counters, RNG, stream positions. Without
+    a name: checkpoint.pt, or rank 0's of a distribute_sites run (for its config)."""
+    if name is None:
+        name = CHECKPOINT if not (Path(out) / "checkpoint-r0.pt").is_file() else "checkpoint-r0.pt"
+    path = Path(out) / name
     if not path.is_file():
         raise NanosaeError(f"{path}: no checkpoint to resume from; start without --resume")
     # torch.load checks no checksums: a flipped bit in a weight would resume silently into different results
@@ -433,14 +489,15 @@ def _save_checkpoint(out: Path, trainer: Trainer, stream) -> None:
     if trainer.world > 1:
         streams = [None] * trainer.world
         dist.all_gather_object(streams, stream.state())
-    if trainer.rank == 0:
+    if trainer.rank == 0 or trainer.cfg.distribute_sites:
         state = {
             "version": 1,
             "config": trainer.cfg.to_dict(),
             "streams": streams,
             **trainer.state_dict(),
         }
-        atomic_write(out / CHECKPOINT, lambda f: torch.save(state, f), checksum=True)
+        name = checkpoint_name(trainer.cfg, trainer.rank)
+        atomic_write(out / name, lambda f: torch.save(state, f), checksum=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -485,8 +542,9 @@ def train(
     progress: bool = True,
 ) -> list[SAE]:
     """Train every SAE of `cfg` on the stream that stream_fn(state) builds (state: None, or the saved position
-    when resuming) and save them as SAELens folders: cfg.out itself for one SAE, cfg.out/<name> for several.
-    eval_fn(sae) runs on the inference SAE every eval_every steps and at the end; its dict is logged."""
+    when resuming) and save them as SAELens folders: cfg.out itself for one SAE, cfg.out/<name> for several, and
+    with several sites cfg.out/<site> (one recipe) or cfg.out/<site>/<name>. eval_fn(sae) runs on the inference
+    SAE every eval_every steps and at the end; its dict is logged. Returns this process's SAEs."""
     out = Path(cfg.out)
     rank, world = dist_info()
     trainer, stream, first = _start(cfg, stream_fn, resume, out, rank, world)
@@ -499,6 +557,7 @@ def train(
     log = open(out / METRICS, "a" if resumed else "w") if rank == 0 else None
     meta = _meta(stream, cfg)
     steps = cfg.steps
+    evaluates = eval_fn is not None and (rank == 0 or cfg.distribute_sites)  # ranks evaluate the SAEs they own
     bar = tqdm(
         total=steps, initial=trainer.step_count, disable=not progress or rank != 0, unit="step", dynamic_ncols=True
     )
@@ -506,13 +565,13 @@ def train(
     try:
         with _StopRequest() as stop_request:
             while trainer.step_count < steps:
-                x = first if first is not None else _next_batch(stream, cfg, world)
+                x = first if first is not None else _next_batch(stream, cfg, trainer.replicas)
                 first = None
                 try:
                     stop = trainer.step(x, stop_request.requested)
                 except NonFiniteLoss as e:
                     raise NanosaeError(
-                        f"{e} {_last_good(out)} Lower the LR or check the activations, then --resume"
+                        f"{e} {_last_good(out, cfg, rank)} Lower the LR or check the activations, then --resume"
                     ) from None
                 done, tokens = trainer.step_count, tokens + cfg.batch_size
                 bar.update(1)
@@ -523,46 +582,53 @@ def train(
                     if rank == 0:
                         bar.close()
                         print(
-                            f"interrupted after step {done}/{steps}; checkpoint saved in {out / CHECKPOINT}; "
-                            "continue with --resume"
+                            f"interrupted after step {done}/{steps}; checkpoint saved in "
+                            f"{out / checkpoint_name(cfg, rank)}; continue with --resume"
                         )
                     raise KeyboardInterrupt
-                if eval_fn is not None and rank == 0 and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+                if evaluates and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
                     _evaluate(trainer, eval_fn, meta, log)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
                     _save_checkpoint(out, trainer, stream)
         _save_checkpoint(out, trainer, stream)
-        saes = _finish(trainer, out, meta, eval_fn, log)
+        saes = _finish(trainer, out, meta, eval_fn if evaluates else None, log)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    if rank == 0:
-        _summary(trainer, out, time.perf_counter() - t0, tokens)
+    _summary(trainer, out, time.perf_counter() - t0, tokens)
     return saes
 
 
 def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, world: int):
     """The run's trainer and stream: restored from the checkpoint in `out` when resuming, else freshly initialised
     from the first batch (returned too, to be trained on first; None when resuming)."""
-    ckpt = read_checkpoint(out) if resume else None
+    name = checkpoint_name(cfg, rank)
+    ckpt = read_checkpoint(out, name) if resume else None
     if ckpt is not None:
         _check_resume(cfg, ckpt, world)
-    elif (out / CHECKPOINT).exists():
+    elif (out / CHECKPOINT).exists() or list(out.glob("checkpoint-r*.pt")):
         raise NanosaeError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it or a new --out")
     stream = stream_fn(ckpt["streams"][rank] if ckpt else None)
-    if ckpt is not None and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
+    widths = getattr(stream, "widths", None) if cfg.sites else None
+    if cfg.sites and widths is None:
+        raise NanosaeError(
+            f"a run at sites {cfg.sites} needs a stream of those sites: model_stream(model, tok, sites, …)"
+        )
+    if ckpt is not None and not cfg.sites and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
         raise NanosaeError(
             f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
             f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
         )
-    trainer = Trainer(cfg, stream.d_in)
+    owned = _owned(cfg, world, rank) if cfg.distribute_sites else None
+    _check_memory(cfg, stream, widths or {"": stream.d_in}, owned, rank)
+    trainer = Trainer(cfg, widths or stream.d_in, owned)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         if rank == 0:
             _truncate_metrics(out / METRICS, trainer.step_count)
         return trainer, stream, None
-    first = _next_batch(stream, cfg, world)
+    first = _next_batch(stream, cfg, trainer.replicas)
     trainer.init(first)
     if cfg.init_from:
         _init_from(trainer, cfg, stream)
@@ -592,27 +658,93 @@ def _init_from(trainer: Trainer, cfg: TrainConfig, stream) -> None:
     trainer.learners[0].sae.load_inference(sae)
 
 
+def memory_estimate(
+    cfg: TrainConfig, widths: dict[str, int], model: torch.nn.Module | None = None, buffer_bytes: int = 0,
+    owned: list[str] | None = None, replicas: int = 1,
+) -> dict[str, int]:  # fmt: skip
+    """The bytes a run (this process's share) holds at its peak, by part: the model's weights, each dictionary's
+    weights with their gradients and Adam's two moments (fp32), the stream's shuffle buffer, and a few batches
+    (this rank's rows at every site, a copy of each, and the widest dictionary's pre-activations, latents and their
+    gradient). widths: {site: d_in} ({"": d_in} for one site)."""
+    dictionaries, widest = 0, 0
+    for site, d_in in widths.items():
+        if owned is not None and site not in owned:
+            continue
+        for s in cfg.saes:
+            with torch.device("meta"):  # shapes only: nothing is allocated
+                sae = training_sae(s, d_in)
+            dictionaries += 4 * 4 * sum(p.numel() for p in sae.parameters())
+            widest = max(widest, sae.d_sae)
+    rows = cfg.batch_size // replicas
+    read = [d for site, d in widths.items() if owned is None or site in owned]
+    return {
+        "model": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) if model else 0,
+        "dictionaries": dictionaries,
+        "buffer": buffer_bytes,
+        "batches": 4 * (2 * rows * sum(read) + 3 * rows * widest),
+    }
+
+
+def _check_memory(cfg: TrainConfig, stream, widths: dict[str, int], owned: list[str] | None, rank: int) -> None:
+    """Before anything is allocated: a run at several sites states its memory estimate, and a run whose estimate
+    exceeds max_memory is refused."""
+    if not cfg.sites and not cfg.max_memory:
+        return
+    parts = memory_estimate(
+        cfg, widths, getattr(stream, "model", None), getattr(stream, "buffer_bytes", 0), owned,
+        1 if cfg.distribute_sites else dist_info()[1],
+    )  # fmt: skip
+    total = sum(parts.values())
+    shown = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items())
+    where = f"rank {rank}" if cfg.distribute_sites else "each process"
+    if cfg.max_memory and total > cfg.max_memory * 1e9:
+        raise NanosaeError(
+            f"this run needs about {total / 1e9:.2f} GB on {where} ({shown}), more than --max-memory "
+            f"{cfg.max_memory:g}; train fewer sites or narrower dictionaries per run, a smaller --batch-size, or "
+            "spread the sites over GPUs with torchrun --distribute-sites"
+        )
+    if rank == 0 and cfg.sites:
+        print(f"memory: about {total / 1e9:.2f} GB on {where} ({shown} GB)")
+
+
+def _owned(cfg: TrainConfig, world: int, rank: int) -> list[str]:
+    from .activations import ranks_sites
+
+    return ranks_sites(cfg.sites, world)[rank] if cfg.distribute_sites else cfg.sites
+
+
+def _folder(trainer: Trainer, out: Path, learner: _Learner) -> Path:
+    """Where a learner's SAE goes: out for a run of one SAE, else out/<name>; with several sites out/<site>, or
+    out/<site>/<name> when each site has several."""
+    if not learner.site:
+        return out if len(trainer.learners) == 1 else out / learner.name
+    return out / learner.site if len(trainer.cfg.saes) == 1 else out / learner.site / learner.sae.cfg.name
+
+
 def _finish(trainer: Trainer, out: Path, meta: dict, eval_fn, log) -> list[SAE]:
-    """The inference SAEs; rank 0 also runs the final eval and saves them: `out` itself for one SAE, else
-    out/<name> each."""
-    saes = [learner.sae.to_inference(**meta) for learner in trainer.learners]
-    if trainer.rank == 0:
+    """The inference SAEs; rank 0 (with distribute_sites, each rank for its own) also runs the final eval and
+    saves them."""
+    saes = [learner.sae.to_inference(**_learner_meta(meta, learner)) for learner in trainer.learners]
+    if trainer.rank == 0 or trainer.cfg.distribute_sites:
         if eval_fn is not None:
             _evaluate(trainer, eval_fn, meta, log)
         for learner, sae in zip(trainer.learners, saes):
-            folder = out if len(saes) == 1 else out / learner.sae.cfg.name
-            sae.save(folder, sparsity=(learner.density + 1e-10).log10())
+            sae.save(_folder(trainer, out, learner), sparsity=(learner.density + 1e-10).log10())
     return saes
 
 
-def _next_batch(stream, cfg: TrainConfig, world: int) -> torch.Tensor:
-    x = next(stream)
-    if x.ndim != 2 or x.shape[0] != cfg.batch_size // world or x.shape[1] != stream.d_in:
-        raise NanosaeError(
-            f"the activation stream gave a batch of shape {tuple(x.shape)}, expected "
-            f"({cfg.batch_size // world}, {stream.d_in}); build it with batch_size={cfg.batch_size}"
-        )
-    return x.to(device=cfg.device, dtype=torch.float32)
+def _next_batch(stream, cfg: TrainConfig, replicas: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    got = next(stream)
+    widths = stream.widths if isinstance(got, dict) else {"": stream.d_in}
+    for site, x in got.items() if isinstance(got, dict) else [("", got)]:
+        if x.ndim != 2 or x.shape[0] != cfg.batch_size // replicas or x.shape[1] != widths[site]:
+            raise NanosaeError(
+                f"the activation stream gave a batch of shape {tuple(x.shape)}, expected "
+                f"({cfg.batch_size // replicas}, {widths[site]}); build it with batch_size={cfg.batch_size}"
+            )
+    if isinstance(got, dict):
+        return {site: x.to(device=cfg.device, dtype=torch.float32).contiguous() for site, x in got.items()}
+    return got.to(device=cfg.device, dtype=torch.float32)
 
 
 def _meta(stream, cfg: TrainConfig) -> dict:
@@ -627,51 +759,70 @@ def _meta(stream, cfg: TrainConfig) -> dict:
     }
 
 
+def _learner_meta(meta: dict, learner: _Learner) -> dict:
+    return {**meta, "hook_name": learner.site} if learner.site else dict(meta)
+
+
+def _write_lines(trainer: Trainer, lines: list[dict], log) -> list[dict]:
+    """Write metrics lines to the log (rank 0); with distribute_sites every rank's lines, gathered in rank order.
+    Returns the lines written (all ranks')."""
+    if trainer.cfg.distribute_sites and trainer.world > 1:
+        every = [None] * trainer.world
+        dist.all_gather_object(every, lines)
+        lines = [line for rank_lines in every for line in rank_lines]
+    if log is not None:
+        log.write("".join(json.dumps(line) + "\n" for line in lines))
+        log.flush()
+    return lines
+
+
 def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
-    parts, lr = [], 0.0
+    lines, lr = [], 0.0
     for learner in trainer.learners:
         m = learner.flush()
         lr = learner.sae.cfg.lr * trainer.lr_factor
-        line = {
-            "step": trainer.step_count,
-            "tokens": trainer.step_count * trainer.cfg.batch_size,
-            "sae": learner.sae.cfg.name,
-            **m,
-            "lr": lr,
-            "tok_s": tok_s,
-        }
-        if log is not None:
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-        parts.append(f"fvu {m['fvu']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_frac']:.1f}%")
+        step = {"step": trainer.step_count, "tokens": trainer.step_count * trainer.cfg.batch_size}
+        lines.append({**step, "sae": learner.name, **m, "lr": lr, "tok_s": tok_s})
+    lines = _write_lines(trainer, lines, log)
+    parts = [f"fvu {m['fvu']:.3f} L0 {m['l0']:.1f} dead {100 * m['dead_frac']:.1f}%" for m in lines]
     if len(parts) > 1:
         parts = [f"[{i}] {p}" for i, p in enumerate(parts[:3])]
     bar.set_postfix_str(" | ".join(parts) + f" lr {lr:.1e}", refresh=False)
 
 
 def _evaluate(trainer: Trainer, eval_fn, meta: dict, log) -> None:
+    lines = []
     for learner in trainer.learners:
-        result = eval_fn(learner.sae.to_inference(**meta))
-        line = {"step": trainer.step_count, "sae": learner.sae.cfg.name, **{f"eval/{k}": v for k, v in result.items()}}
-        log.write(json.dumps(line) + "\n")
-        log.flush()
+        result = eval_fn(learner.sae.to_inference(**_learner_meta(meta, learner)))
+        lines.append({"step": trainer.step_count, "sae": learner.name, **{f"eval/{k}": v for k, v in result.items()}})
+    _write_lines(trainer, lines, log)
 
 
-def _last_good(out: Path) -> str:
-    if (out / CHECKPOINT).is_file():
-        return f"The last good checkpoint (step {read_checkpoint(out)['step']}) is kept in {out / CHECKPOINT}."
+def _last_good(out: Path, cfg: TrainConfig, rank: int) -> str:
+    name = checkpoint_name(cfg, rank)
+    if (out / name).is_file():
+        return f"The last good checkpoint (step {read_checkpoint(out, name)['step']}) is kept in {out / name}."
     return "No checkpoint was written yet."
 
 
 def _summary(trainer: Trainer, out: Path, seconds: float, tokens: int) -> None:
-    learners = trainer.learners
+    """The final table, printed by rank 0 (with distribute_sites, of every rank's SAEs)."""
+    rows = [
+        (learner.name, learner.sae.cfg.d_sae, learner.last, _folder(trainer, out, learner))
+        for learner in trainer.learners
+    ]
+    if trainer.cfg.distribute_sites and trainer.world > 1:
+        every = [None] * trainer.world
+        dist.all_gather_object(every, rows)
+        rows = [row for rank_rows in every for row in rank_rows]
+    if trainer.rank != 0:
+        return
     print(
-        f"\ntrained {len(learners)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+        f"\ntrained {len(rows)} SAE(s) on {tokens:,} tokens in {seconds:.0f}s ({tokens / max(seconds, 1e-9):,.0f} tok/s)"
     )
     print(f"{'sae':36s} {'d_sae':>7s} {'FVU':>7s} {'L0':>7s} {'dead %':>7s}  folder")
-    for learner in learners:
-        m, c = learner.last, learner.sae.cfg
-        folder = out if len(learners) == 1 else out / c.name
+    for name, d_sae, m, folder in rows:
         fvu, l0, dead = (m.get(k, math.nan) for k in ("fvu", "l0", "dead_frac"))
-        print(f"{c.name:36s} {c.d_sae:7d} {fvu:7.4f} {l0:7.1f} {100 * dead:7.2f}  {folder}")
-    print(f"metrics: {out / METRICS}   checkpoint: {out / CHECKPOINT}")
+        print(f"{name:36s} {d_sae:7d} {fvu:7.4f} {l0:7.1f} {100 * dead:7.2f}  {folder}")
+    ckpt = checkpoint_name(trainer.cfg, 0).replace("r0", "r*")
+    print(f"metrics: {out / METRICS}   checkpoint: {out / ckpt}")
