@@ -37,44 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanosae import load_model  # noqa: E402
 from nanosae.activations import model_stream, paired_model_stream  # noqa: E402
-from nanosae.diff import PlantedPair, artefacts, classify, latent_scaling, match_planted  # noqa: E402
-from nanosae.sae import SAE, SAETrainConfig  # noqa: E402
+from nanosae.diff import (  # noqa: E402
+    PlantedPair,
+    artefacts,
+    classify,
+    latent_scaling,
+    match_planted,
+    planted_artefacts,
+    train_planted,
+)
+from nanosae.sae import SAETrainConfig  # noqa: E402
 from nanosae.train import TrainConfig, Trainer  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nanochat-d4" / "base_dir"
 KINDS = {0: "A-only", 1: "shared", 2: "B-only", 3: "scaled"}
-
-
-def train_planted(planted: PlantedPair, arch: str, steps: int, batch: int = 1024, **extra) -> SAE:
-    cfg = TrainConfig(
-        saes=[SAETrainConfig(arch=arch, d_sae=128, k=4, lr=3e-3, **extra)],
-        tokens=steps * batch,
-        batch_size=batch,
-        log_every=10**9,
-    )
-    g = torch.Generator().manual_seed(1)
-    trainer = Trainer(cfg, 2 * planted.d)
-    trainer.init(planted.sample(batch, g))
-    for _ in range(steps):
-        trainer.step(planted.sample(batch, g))
-    return trainer.learners[0].sae.to_inference()
-
-
-def planted_artefacts(cc: SAE, shrink: int, split: int) -> SAE:
-    """Complete Shrinkage at `shrink` (A decoder zeroed) and Latent Decoupling at `split` (a twin latent, same
-    encoder, takes its B decoder) planted into an inference crosscoder."""
-    t = {k: v.detach().clone() for k, v in cc.state_dict().items()}
-    d = cc.cfg.d_in // 2
-    t["W_dec"][shrink, :d] = 0
-    twin = torch.cat([torch.zeros(d), t["W_dec"][split, d:]])
-    t["W_dec"][split, d:] = 0
-    t["W_dec"] = torch.cat([t["W_dec"], twin[None]])
-    t["W_enc"] = torch.cat([t["W_enc"], t["W_enc"][:, split : split + 1]], 1)
-    for k in ("b_enc", "threshold"):
-        t[k] = torch.cat([t[k], t[k][split : split + 1]])
-    out = SAE(type(cc.cfg)(**{**vars(cc.cfg), "d_sae": cc.cfg.d_sae + 1}))
-    out.load_state_dict(t)
-    return out
 
 
 def planted(steps: int) -> None:

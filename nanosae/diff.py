@@ -597,3 +597,39 @@ def print_summary(s: dict) -> None:
     print(f"dashboard   {f['dashboard']}  (the three groups; each latent's contexts in both models)")
     print(f"as SAEs     {f['side_a']} ({la}), {f['side_b']} ({lb}): usable with eval, viz, chat")
     print(bar)
+
+
+def train_planted(planted: PlantedPair, arch: str, steps: int, batch: int = 1024, **extra) -> SAE:
+    """A crosscoder (`arch`) trained on `steps` batches of the planted pair, inference form."""
+    from .sae import SAETrainConfig
+    from .train import TrainConfig, Trainer
+
+    cfg = TrainConfig(
+        saes=[SAETrainConfig(arch=arch, d_sae=128, k=4, lr=3e-3, **extra)],
+        tokens=steps * batch,
+        batch_size=batch,
+        log_every=10**9,
+    )
+    g = torch.Generator().manual_seed(1)
+    trainer = Trainer(cfg, 2 * planted.d)
+    trainer.init(planted.sample(batch, g))
+    for _ in range(steps):
+        trainer.step(planted.sample(batch, g))
+    return trainer.learners[0].sae.to_inference()
+
+
+def planted_artefacts(cc: SAE, shrink: int, split: int) -> SAE:
+    """Complete Shrinkage at `shrink` (A decoder zeroed) and Latent Decoupling at `split` (a twin latent, same
+    encoder, takes its B decoder) planted into an inference crosscoder."""
+    t = {k: v.detach().clone() for k, v in cc.state_dict().items()}
+    d = cc.cfg.d_in // 2
+    t["W_dec"][shrink, :d] = 0
+    twin = torch.cat([torch.zeros(d), t["W_dec"][split, d:]])
+    t["W_dec"][split, d:] = 0
+    t["W_dec"] = torch.cat([t["W_dec"], twin[None]])
+    t["W_enc"] = torch.cat([t["W_enc"], t["W_enc"][:, split : split + 1]], 1)
+    for k in ("b_enc", "threshold"):
+        t[k] = torch.cat([t[k], t[k][split : split + 1]])
+    out = SAE(type(cc.cfg)(**{**vars(cc.cfg), "d_sae": cc.cfg.d_sae + 1}))
+    out.load_state_dict(t)
+    return out

@@ -12,11 +12,18 @@ import torch
 
 from nanosae import activations, lm_train
 from nanosae.cli import main as cli_main
-from nanosae.diff import PlantedPair, artefacts, classify, latent_scaling, match_planted
+from nanosae.diff import (
+    PlantedPair,
+    artefacts,
+    classify,
+    latent_scaling,
+    match_planted,
+    planted_artefacts,
+    train_planted,
+)
 from nanosae.errors import NanosaeError
 from nanosae.lm_train import SFTConfig, TinyConfig
-from nanosae.sae import SAE, SAETrainConfig, crosscoder_norms, crosscoder_side, load_crosscoder, load_sae, training_sae
-from nanosae.train import TrainConfig, Trainer
+from nanosae.sae import SAETrainConfig, crosscoder_norms, crosscoder_side, load_crosscoder, load_sae, training_sae
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -88,42 +95,9 @@ def test_each_side_is_the_crosscoder_fed_one_models_activations_twice():
 # --- planted truth ------------------------------------------------------------------------------------------
 
 
-def _train_planted(planted: PlantedPair, steps: int = 300, batch: int = 1024) -> SAE:
-    cfg = TrainConfig(
-        saes=[SAETrainConfig(arch="crosscoder", d_sae=128, k=4, lr=3e-3)],
-        tokens=steps * batch,
-        batch_size=batch,
-        log_every=10**9,
-    )
-    g = torch.Generator().manual_seed(1)
-    trainer = Trainer(cfg, 2 * planted.d)
-    trainer.init(planted.sample(batch, g))
-    for _ in range(steps):
-        trainer.step(planted.sample(batch, g))
-    return trainer.learners[0].sae.to_inference()
-
-
-def _with_artefacts(cc: SAE, shrink: int, split: int) -> SAE:
-    """cc with two planted artefacts: latent `shrink` loses its A decoder (Complete Shrinkage: looks B-only), latent
-    `split` keeps only its A decoder and a new last latent with the same encoder gets its B decoder (Latent
-    Decoupling: one concept as an A-only and a B-only latent)."""
-    t = {k: v.detach().clone() for k, v in cc.state_dict().items()}
-    d = cc.cfg.d_in // 2
-    t["W_dec"][shrink, :d] = 0
-    twin = torch.cat([torch.zeros(d), t["W_dec"][split, d:]])
-    t["W_dec"][split, d:] = 0
-    t["W_dec"] = torch.cat([t["W_dec"], twin[None]])
-    t["W_enc"] = torch.cat([t["W_enc"], t["W_enc"][:, split : split + 1]], 1)
-    for k in ("b_enc", "threshold"):
-        t[k] = torch.cat([t[k], t[k][split : split + 1]])
-    out = SAE(type(cc.cfg)(**{**vars(cc.cfg), "d_sae": cc.cfg.d_sae + 1}))
-    out.load_state_dict(t)
-    return out
-
-
 def test_planted_exclusive_and_shared_atoms_and_artefacts():
     planted = PlantedPair()
-    cc = _train_planted(planted)
+    cc = train_planted(planted, "crosscoder", 300)
     groups = classify(cc)
     latent, cos = match_planted(cc, planted)
     truth = planted.truth()
@@ -141,7 +115,7 @@ def test_planted_exclusive_and_shared_atoms_and_artefacts():
 
     shared = latent[correct & (truth == 1)]
     shrink, split = int(shared[0]), int(shared[1])
-    bad = _with_artefacts(cc, shrink, split)
+    bad = planted_artefacts(cc, shrink, split)
     bad_groups = classify(bad)
     assert bad_groups[shrink] == 2 and bad_groups[split] == 0 and bad_groups[-1] == 2  # by norm they look exclusive
     bad_scaling = latent_scaling(bad, held_out)
