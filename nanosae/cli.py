@@ -781,7 +781,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=_token_count, default=_default(evaluate, "n_tokens"), help="tokens for metrics")
     p.add_argument("--ce-tokens", type=_token_count, default=None, help="tokens for CE/KL (default: --tokens / 10)")
     p.add_argument("--batch-size", type=int, default=_default(evaluate, "batch_size"), help="prompts per batch")
-    p.add_argument("--context-size", type=int, default=_default(evaluate, "context_size"))
+    p.add_argument("--context-size", type=int, default=None, help="default: 128, or the model's if shorter")
     p.add_argument("--saebench-compat", action="store_true", help="report SAEBench's EV and MSE formulas (quirks)")
     p.add_argument("--no-model-check", action="store_true", help="evaluate on a model other than the SAE's")
     p.add_argument("--json", default=None, help="result path (default: <SAE>/eval_core.json; PNG beside it)")

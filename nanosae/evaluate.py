@@ -314,7 +314,7 @@ def evaluate(
     *,
     ce_tokens: int | None = None,
     batch_size: int = 16,
-    context_size: int = 128,
+    context_size: int | None = None,
     split: str | None = "val",
     saebench_compat: bool = False,
     exclude_special_tokens_from_reconstruction: bool = True,
@@ -323,10 +323,13 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """SAEBench core-eval result (same keys and nesting) of `sae` on `n_tokens` tokens of `source` (a data
-    source for nanosae.data, or a LongTensor of token rows); CE/KL on the first `ce_tokens` (default n/10)."""
+    source for nanosae.data, or a LongTensor of token rows); CE/KL on the first `ce_tokens` (default n/10).
+    context_size: SAEBench's 128 by default, or the model's context when that is shorter."""
     site = sae_site(model, sae, check_model)
     if isinstance(source, torch.Tensor):
         context_size = source.shape[1]
+    elif context_size is None:
+        context_size = min(128, model.config.sequence_len)
     elif context_size > model.config.sequence_len:
         raise NanosaeError(f"context size {context_size} exceeds the model's {model.config.sequence_len}")
     ce_tokens = n_tokens // 10 if ce_tokens is None else ce_tokens

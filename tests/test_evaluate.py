@@ -362,3 +362,15 @@ def test_cli_writes_saebench_json_and_histogram(d4, tmp_path, capsys):
     assert all(isinstance(d["consistent_activation_heuristic"], (int, float)) for d in res["eval_result_details"])
     png = out.with_name("core_density.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_default_context_fits_a_short_context_model(d4, monkeypatch):
+    """SAEBench's 128-token rows by default, the model's own context when that is shorter; an explicit size over
+    the model's is refused."""
+    model, tok, _ = d4
+    sae = make_sae("standard", seed=5)
+    monkeypatch.setattr(model.config, "sequence_len", 64)
+    out = evaluate(sae, model, tok, None, 256, ce_tokens=128, batch_size=2, progress=False)
+    assert out["eval_config"]["context_size"] == 64
+    with pytest.raises(NanosaeError, match="exceeds the model's 64"):
+        evaluate(sae, model, tok, None, 256, batch_size=2, context_size=128, progress=False)
