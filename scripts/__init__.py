@@ -62,6 +62,16 @@ def command(argv: Sequence[str]) -> str:
     return shlex.join(["nanosae", *argv])
 
 
+def sae_flags(p: argparse.ArgumentParser) -> None:
+    """The flags eval and viz share: the SAE and, optionally, its model."""
+    p.add_argument(
+        "--sae_path",
+        required=True,
+        help="an SAE folder, a file in one (cfg.json, best_model.pt, …) or a .pt state dict",
+    )
+    p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the SAE was trained on)")
+
+
 def model_flags(sae, sae_path: str, checkpoint: str | None) -> list[str]:
     """The nanosae flags naming the SAE's model: --checkpoint when given, else the checkpoint its training recorded
     (nanosae train keeps it in cfg.json: metadata.nanosae_training.run)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nanosae.cli import _token_count, run
 from nanosae.sae import load_sae
-from scripts import ProposalParser, model_flags, nanosae
+from scripts import ProposalParser, model_flags, nanosae, sae_flags
 
 PROG = "python -m scripts.sae_eval"
 
@@ -19,12 +19,7 @@ def build_parser() -> ProposalParser:
         description="Evaluate an SAE on its model (nanosae eval, with the flags of "
         "nanochat PR #169's scripts/sae_eval.py).",
     )
-    p.add_argument(
-        "--sae_path",
-        required=True,
-        help="an SAE folder, a file in one (cfg.json, best_model.pt, …) or a .pt state dict",
-    )
-    p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the SAE was trained on)")
+    sae_flags(p)
     p.add_argument(
         "--num_test_samples",
         "--num_tokens",

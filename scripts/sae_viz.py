@@ -12,7 +12,7 @@ from nanosae.cli import _add_config_flags, _token_count, run
 from nanosae.errors import NanosaeError
 from nanosae.features import FeatureConfig
 from nanosae.sae import load_sae, sae_folder
-from scripts import ProposalParser, model_flags, nanosae
+from scripts import ProposalParser, model_flags, nanosae, sae_flags
 
 PROG = "python -m scripts.sae_viz"
 
@@ -23,12 +23,7 @@ def build_parser() -> ProposalParser:
         description="Write the dashboard of an SAE's latents (nanosae viz, with the flags "
         "of nanochat PR #169's scripts/sae_viz.py).",
     )
-    p.add_argument(
-        "--sae_path",
-        required=True,
-        help="an SAE folder, a file in one (cfg.json, best_model.pt, …) or a .pt state dict",
-    )
-    p.add_argument("--checkpoint", default=None, help="the model (default: the checkpoint the SAE was trained on)")
+    sae_flags(p)
     p.add_argument("--all_features", action="store_true", help="every latent (the dashboard always holds them all)")
     p.add_argument("--feature", type=int, default=None, help="also print the link that opens this latent's page")
     _add_config_flags(p, FeatureConfig, only=("n_tokens",), flags={"n_tokens": "--num_samples"})
