@@ -625,7 +625,8 @@ def cmd_serve(args) -> None:
     )
     model, tok, _ = _load(args)
     sae, units, labels = load_runtime(args.sae, model)
-    served = ServedModel(model, tok, sae, units, labels, args.dashboard, args.temperature, args.top_k, args.max_tokens)
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "max_tokens") if getattr(args, k) is not None}
+    served = ServedModel(model, tok, sae, units, labels, args.dashboard, **given)  # the rest: ServedModel's defaults
     serve(served, args.host, args.port)
 
 
@@ -850,15 +851,14 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    from .server import ServedModel
-
     _model_args(p, required=False)
     p.add_argument("--sae", default=None, help=CHAT_SAE_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dashboard", default=None, help="the --out folder of nanosae viz, linked from latents")
-    for name in ("temperature", "top_k", "max_tokens"):  # used by requests that give none
-        p.add_argument(f"--{name.replace('_', '-')}", type=SAMPLING_TYPES[name], default=_default(ServedModel, name))
+    # for requests that give none; left out: ServedModel's defaults (server.py, not imported here: fastapi is slow)
+    for name in ("temperature", "top_k", "max_tokens"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=SAMPLING_TYPES[name], default=None)
 
 
 def _viz_flags(p: argparse.ArgumentParser) -> None:
