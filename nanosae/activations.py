@@ -40,7 +40,7 @@ from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, remove_leftovers, sha256_file
 from .gpt import GPT
-from .hooks import canonical_site, run_with_cache, saelens_hook_name, site_width
+from .hooks import canonical_site, check_target, run_with_cache, saelens_hook_name, site_width
 from .tokenizer import Tokenizer
 
 FORMAT = "nanosae-activations"
@@ -667,7 +667,10 @@ class ModelStream(ActivationStream):
     each batch is a dict {site: (b, width)}, the same tokens at every site. With `owned` (a subset of the sites,
     under torch.distributed), the ranks still split the forwards of each fill, but each rank receives only the
     owned sites' activations of the whole fill (one gather per owner, an all-to-all) and gets whole global batches
-    of them: what a one-process stream gives at those sites."""
+    of them: what a one-process stream gives at those sites.
+
+    With `targets` {site: target site} (transcoders), the forward also reads each target, and a site's rows are
+    [activations at the site | at its target] (width widths[site], the target's part target_widths[site])."""
 
     def __init__(
         self,
@@ -685,6 +688,7 @@ class ModelStream(ActivationStream):
         forward_rows: int = 8,
         split: str | None = "train",
         owned: list[str] | None = None,
+        targets: dict[str, str] | None = None,
     ):
         self.model, self.tokenizer, self.source, self.split = model, tokenizer, source, split
         sites = [site] if isinstance(site, str) else list(site)
@@ -694,7 +698,14 @@ class ModelStream(ActivationStream):
             raise NanosaeError(f"owned sites {self.owned} are not all among the stream's sites {self.sites}")
         self.multi = len(self.sites) > 1 or self.owned is not None
         self.site = self.sites[0] if not self.multi else ""
-        self.widths = {s: site_width(model, s) for s in self.sites}
+        self.targets = {canonical_site(s, model): canonical_site(t, model) for s, t in (targets or {}).items()}
+        for s, t in self.targets.items():
+            if s not in self.sites:
+                raise NanosaeError(f"target {t} is given for {s}, which is not among the stream's sites {self.sites}")
+            check_target(s, t)
+        self.read_sites = list(dict.fromkeys([*self.sites, *self.targets.values()]))  # what each forward reads
+        self.target_widths = {s: site_width(model, t) for s, t in self.targets.items()}
+        self.widths = {s: site_width(model, s) + self.target_widths.get(s, 0) for s in self.sites}
         self.block_sites = self.sites if self.owned is None else [s for s in self.sites if s in self.owned]
         self.d_in = sum(self.widths[s] for s in self.block_sites)
         self.model_name, fingerprint = model_identity(model)
@@ -715,6 +726,7 @@ class ModelStream(ActivationStream):
             "kind": "model",
             "model": fingerprint,
             **({"sites": self.sites} if self.multi else {"site": self.site}),
+            **({"targets": self.targets} if self.targets else {}),
             "dataset": self.dataset,
             "split": split,
             "seq_len": seq_len,
@@ -771,15 +783,17 @@ class ModelStream(ActivationStream):
         return self.group[1] > 1 and dist_info() == self.group
 
     def _cols(self, acts: torch.Tensor, sites: list[str]) -> torch.Tensor:
-        """The columns of `sites` in `acts`, which holds every site of the stream side by side."""
-        if sites == self.sites:
+        """The rows of `sites` (each site's columns, then its target's) from `acts`, which holds every site the
+        forward reads side by side."""
+        parts = [p for s in sites for p in ([s, self.targets[s]] if s in self.targets else [s])]
+        if parts == self.read_sites:
             return acts
-        cuts = list(itertools.accumulate([0, *(self.widths[s] for s in self.sites)]))
-        col = dict(zip(self.sites, zip(cuts, cuts[1:])))
-        return torch.cat([acts[:, col[s][0] : col[s][1]] for s in sites], dim=1)
+        cuts = list(itertools.accumulate([0, *(site_width(self.model, s) for s in self.read_sites)]))
+        col = dict(zip(self.read_sites, zip(cuts, cuts[1:])))
+        return torch.cat([acts[:, col[p][0] : col[p][1]] for p in parts], dim=1)
 
-    def _acts(self, ids: torch.Tensor) -> torch.Tensor:  # every site's activations side by side, (rows, width)
-        return _site_acts(self.model, ids, self.sites)
+    def _acts(self, ids: torch.Tensor) -> torch.Tensor:  # every read site's activations side by side, (rows, width)
+        return _site_acts(self.model, ids, self.read_sites)
 
     def _gathered(self, batches: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         # rank r forwards batches r, r+W, …; equal-shape all_gather (with `owned`: a gather to each owner of its
@@ -847,8 +861,8 @@ class PairedModelStream(ModelStream):
             raise NanosaeError("stream state does not belong to this pair of models; pass the models the run used")
 
     def _acts(self, ids: torch.Tensor) -> torch.Tensor:
-        a = _site_acts(self.model, ids, self.sites)
-        return torch.cat([a, _site_acts(self.model_b, ids, self.sites).to(a)], dim=1)
+        a = _site_acts(self.model, ids, self.read_sites)
+        return torch.cat([a, _site_acts(self.model_b, ids, self.read_sites).to(a)], dim=1)
 
 
 def check_pair(model_a: GPT, model_b: GPT, site: str) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .errors import NanosaeError
 from .gpt import GPT
-from .hooks import sae_site
+from .hooks import where
 from .runtime import Steer, TokenLatents, Tracker, check_steers, generate_tracked, parse_steer
 from .sae import SAE
 from .tokenizer import Tokenizer
@@ -81,7 +81,7 @@ class ChatSession:
         top_n: int = 3,
         seed: int = 42,
     ):
-        self.site = sae_site(model, sae)
+        self.site = where(model, sae)
         self.model, self.tok, self.sae = model, tokenizer, sae
         self.steers = {s.latent: s for s in steers}
         self.only_generated, self.units, self.labels = only_generated, units, labels or {}

@@ -285,8 +285,8 @@ def _from_flags(cls, args, **values):
 # site flags (shared with the other commands) set
 SWEEP = ("arch", "k", "expansion", "sparsity_coeff")
 SOURCE = (
-    "model", "model_step", "phase", "tokenizer", "generation", "device", "site", "sites", "data", "seq_len",
-    "activations",
+    "model", "model_step", "phase", "tokenizer", "generation", "device", "site", "sites", "targets", "data",
+    "seq_len", "activations",
 )  # fmt: skip
 
 
@@ -295,23 +295,26 @@ def _train_config(args):
     the coefficient only to the others, so duplicates collapse)."""
     import itertools
 
-    from .sae import SAETrainConfig
+    from .sae import SAETrainConfig, split_arch
     from .train import TrainConfig
 
     saes, seen = [], set()
     if args.init_from:
         _init_from_defaults(args)
-    for arch, k, expansion, coeff in itertools.product(*(getattr(args, name) for name in SWEEP)):
-        if arch.startswith("crosscoder"):
-            raise NanosaeError(f"--arch {arch} reads two models at once; train it with `nanosae diff --arch {arch}`")
+    for flag, k, expansion, coeff in itertools.product(*(getattr(args, name) for name in SWEEP)):
+        if flag.startswith("crosscoder"):
+            raise NanosaeError(f"--arch {flag} reads two models at once; train it with `nanosae diff --arch {flag}`")
+        arch, kind = split_arch(flag)
         topk = arch in ("topk", "batchtopk")
         target = args.target_l0 is not None  # it sets k, and λ only starts at the coefficient
-        key = (arch, k if topk and not target else None, expansion, None if topk or target else coeff)
+        key = (arch, kind, k if topk and not target else None, expansion, None if topk or target else coeff)
         if key in seen:
             continue
         seen.add(key)
-        sweep = {"arch": arch, "k": k, "expansion": expansion, "sparsity_coeff": None if topk else coeff}
+        sweep = {"arch": arch, "kind": kind, "k": k, "expansion": expansion, "sparsity_coeff": None if topk else coeff}
         saes.append(_from_flags(SAETrainConfig, args, **sweep))
+    if len({s.kind == "sae" for s in saes}) > 1:
+        raise NanosaeError("--arch mixes SAEs and transcoders, which read different data; train them in two runs")
     if args.activations and (args.model or args.layer is not None or args.layers is not None):
         raise NanosaeError("--activations trains on the cache's own model and site; drop --model/--layer/--layers")
     if not args.activations and not args.model:
@@ -327,25 +330,50 @@ def _train_config(args):
         model_step=args.step,
         site=sites[0] if len(sites) == 1 else "",
         sites=sites if len(sites) > 1 else [],
+        targets=_targets(args, sites, transcoder=saes[0].kind != "sae"),
         data=None if args.data == "builtin" else args.data,
         activations=args.activations or "",
     )
+
+
+def _targets(args, sites: list[str], transcoder: bool) -> dict[str, str]:
+    """Each input site's target for a transcoder run (--target: a site kind, taken in each site's block, or one
+    full site name); {} for SAEs."""
+    from .hooks import check_target, parse_site
+
+    if not transcoder:
+        if args.target is not None:
+            raise NanosaeError("--target is for transcoders: add --arch transcoder (or skip_transcoder, …)")
+        return {}
+    if args.activations:
+        raise NanosaeError("a transcoder reads two sites at once: train it from --model (a cache holds one site)")
+    target = args.target or "mlp_out"
+    if "." in target and len(sites) > 1:
+        raise NanosaeError(f"--target {target} names one site; with several sites give a kind (--target mlp_out)")
+    out = {}
+    for site in sites:
+        layer, _ = parse_site(site)
+        out[site] = target if "." in target or layer is None else f"blocks.{layer}.{target}"
+        check_target(site, out[site])
+    return out
 
 
 def _init_from_defaults(args) -> None:
     """train --init-from: the SAE flags not given take the SAE's recipe, and --layer/--site its site."""
     import dataclasses
 
-    from .sae import SAETrainConfig, load_sae, recipe_of
+    from .sae import SAETrainConfig, arch_flag, load_sae, recipe_of
 
     init = load_sae(args.init_from)
     recipe = recipe_of(init)
     for f in dataclasses.fields(SAETrainConfig):
-        if f.name not in args.given and f.name != "name":
-            value = getattr(recipe, f.name)
+        if f.name not in args.given and f.name not in ("name", "kind"):
+            value = arch_flag(recipe.arch, recipe.kind) if f.name == "arch" else getattr(recipe, f.name)
             setattr(args, f.name, [value] if f.name in SWEEP else value)
     if not args.given & {"layer", "site", "activations"} and init.cfg.hook_name:
         args.layer, args.site = None, init.cfg.hook_name
+    if "target" not in args.given and init.cfg.hook_name_out:
+        args.target = init.cfg.hook_name_out
 
 
 def _resume_config(args):
@@ -393,6 +421,7 @@ def _saved_flags(saved) -> dict:
     import dataclasses
 
     from .hooks import parse_site
+    from .sae import arch_flag
 
     flags = {f.name: getattr(saved, f.name) for f in dataclasses.fields(saved) if f.name not in ("saes", *SOURCE)}
     layer, kind = parse_site(saved.site) if saved.site else (None, "resid_post")
@@ -409,9 +438,12 @@ def _saved_flags(saved) -> dict:
         data=saved.data or "builtin",
         seq_len=saved.seq_len,
         activations=saved.activations or None,
+        target=parse_site(next(iter(saved.targets.values())))[1] if saved.targets else None,
     )
     for f in dataclasses.fields(saved.saes[0]):
         values = [getattr(s, f.name) for s in saved.saes]
+        if f.name == "arch":
+            values = [arch_flag(s.arch, s.kind) for s in saved.saes]
         if f.name == "sparsity_coeff":  # only the non-TopK SAEs took it (see _train_config)
             values = [v for v, s in zip(values, saved.saes) if s.arch not in ("topk", "batchtopk")] or [None]
         flags[f.name] = list(dict.fromkeys(values)) if f.name in SWEEP else values[0]
@@ -425,6 +457,7 @@ def _describe(differ: list[str], asked, saved, given: set[str]) -> str:
         fields = {k for a, b in pairs for k, v in vars(a).items() if getattr(b, k) != v} or set(SWEEP) & given
         differ = sorted(set(differ) - {"saes"} | fields)
     flags = {**_saved_flags(saved), "model_step": saved.model_step, "site": saved.site, "sites": saved.sites}
+    flags["targets"] = list(saved.targets.values())
     parts = []
     for k in differ:
         values = flags[k] if isinstance(flags[k], list) else [flags[k]]
@@ -432,9 +465,12 @@ def _describe(differ: list[str], asked, saved, given: set[str]) -> str:
             "default" if v in (None, "", ()) else ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
             for v in values
         )
-        flag = {"model_step": "--step", "site": "--layer/--site", "sites": "--layers/--site"}.get(
-            k, "--" + k.replace("_", "-")
-        )
+        flag = {
+            "model_step": "--step",
+            "site": "--layer/--site",
+            "sites": "--layers/--site",
+            "targets": "--target",
+        }.get(k, "--" + k.replace("_", "-"))
         parts.append(f"{flag} (saved {shown})")
     return ", ".join(parts)
 
@@ -473,6 +509,7 @@ def cmd_train(args) -> None:
                     rank=rank,
                     world_size=world,
                     state=state,
+                    targets=cfg.targets,
                     **owned,
                 )
 
@@ -822,6 +859,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     _model_args(p, required=False)
     _site_flags(p)
     p.add_argument("--activations", default=None, help="a cache folder from nanosae collect (instead of --model)")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="transcoders: the site they predict from --site, in its block: a kind (default mlp_out) or a full name",
+    )
     p.add_argument("--out", required=True, help="run folder: the SAE (or one subfolder per SAE), metrics, checkpoint")
     p.add_argument(
         "--resume",
@@ -831,7 +873,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SAEs (comma lists train one SAE per combination)")
     b_dec_init = {"choices": ["geometric_median", "mean", "zero"]}
     d_sae = {"help": "number of latents (overrides --expansion)"}
-    _add_config_flags(g, SAETrainConfig, skip=("name",), sweep=SWEEP, b_dec_init=b_dec_init, d_sae=d_sae)
+    arch = {"help": "the training architecture: standard | april | topk | batchtopk | gated | jumprelu; transcoders: "
+            "transcoder, skip_transcoder (BatchTopK) or <arch>_transcoder, <arch>_skip_transcoder"}  # fmt: skip
+    _add_config_flags(
+        g, SAETrainConfig, skip=("name", "kind"), sweep=SWEEP, b_dec_init=b_dec_init, d_sae=d_sae, arch=arch
+    )
     g = p.add_argument_group("run")
     _add_config_flags(g, TrainConfig, skip=("saes", "out", *SOURCE))
 

@@ -31,7 +31,7 @@ from .data import token_batches
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json
 from .gpt import GPT
-from .hooks import add_hooks, run_with_cache, sae_site
+from .hooks import add_hooks, canonical_site, out_site, run_with_cache, sae_site
 from .sae import SAE, SAELENS_VERSION, saelens_cfg
 from .tokenizer import Tokenizer
 
@@ -221,16 +221,21 @@ def _zero(x: torch.Tensor, start: int) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def _splice_hook(sae: SAE, keep: torch.Tensor, stash: dict) -> Callable:
-    """Hook replacing the activation by the SAE's reconstruction where `keep` (B, T) is True."""
+def _splice_hooks(sae: SAE, site_in: str, site: str, keep: torch.Tensor, stash: dict) -> dict[str, Callable]:
+    """Hooks replacing the activation at `site` by the SAE's output where `keep` (B, T) is True: an SAE's
+    reconstruction of it, a transcoder's prediction from its input at site_in (read earlier in the same forward)."""
+
+    def read(x: torch.Tensor, start: int) -> None:
+        stash["x_in"] = x
 
     def splice(x: torch.Tensor, start: int) -> torch.Tensor:
-        f = sae.encode(x)
-        xh = sae.decode(f)
+        x_in = stash.pop("x_in", x)
+        f = sae.encode(x_in)
+        xh = sae.decode(f, x_in)
         stash.update(x=x, f=f, xh=xh)
         return torch.where(keep[..., None], xh.to(x.dtype), x)
 
-    return splice
+    return {site: splice} if site_in == site else {site_in: read, site: splice}
 
 
 def _ce_batch(
@@ -245,15 +250,16 @@ def _ce_batch(
     ablate: bool = False,
 ) -> dict:
     """One batch of the CE/KL loop that `evaluate` and `make_train_eval` share, summed into `ce`: the clean CE
-    (log-probs computed unless given as logp), then with the SAE spliced in at `site` (where splice_keep, default
-    keep) and with the site zero-ablated (if `ablate`), each with its KL from the clean distribution. Returns the
-    SAE's x, f and x̂ at the site (empty without an SAE)."""
+    (log-probs computed unless given as logp), then with the SAE spliced in at `site` (the site it writes: a
+    transcoder's output site; where splice_keep, default keep) and with the site zero-ablated (if `ablate`), each
+    with its KL from the clean distribution. Returns the SAE's x, f and x̂ at the site (empty without an SAE)."""
     logp = _logprobs(model, idx) if logp is None else logp
     ce.add(clean=_ce_sum(logp, idx, keep))
     stash: dict = {}
     if sae is not None:
-        hook = _splice_hook(sae, keep if splice_keep is None else splice_keep, stash)
-        logq = _logprobs(model, idx, {site: hook})
+        site_in = canonical_site(sae.cfg.hook_name, model) if sae.cfg.transcoder else site
+        hooks = _splice_hooks(sae, site_in, site, keep if splice_keep is None else splice_keep, stash)
+        logq = _logprobs(model, idx, hooks)
         ce.add(sae=_ce_sum(logq, idx, keep), kl_sae=_kl_sum(logp, logq, keep))
         del logq  # one vocabulary-wide tensor besides logp at a time
     if ablate:
@@ -326,6 +332,7 @@ def evaluate(
     source for nanosae.data, or a LongTensor of token rows); CE/KL on the first `ce_tokens` (default n/10).
     context_size: SAEBench's 128 by default, or the model's context when that is shorter."""
     site = sae_site(model, sae, check_model)
+    out = out_site(model, sae)
     if isinstance(source, torch.Tensor):
         context_size = source.shape[1]
     elif context_size is None:
@@ -343,7 +350,7 @@ def evaluate(
     batches = islice(_batches(tokenizer, source, batch_size, context_size, split), max(n_sv, n_ce))
     bar = tqdm(total=max(n_sv, n_ce) * per_batch, unit="tok", unit_scale=True, desc="eval", disable=not progress)
     stats, ce, sv_tok, ce_tok = _eval_pass(
-        sae, model, site, batches, n_sv, n_ce, specials, exclude_special_tokens_from_reconstruction, bar
+        sae, model, (site, out), batches, n_sv, n_ce, specials, exclude_special_tokens_from_reconstruction, bar
     )
     seconds = time.time() - t0
     if sv_tok < n_tokens or ce_tok < ce_tokens:
@@ -388,6 +395,7 @@ def evaluate(
         "sae_cfg_dict": saelens_cfg(sae.cfg),
         "eval_result_unstructured": {
             "site": site,
+            **({"site_out": out, "ablated": f"{out} (the transcoder's output site)"} if out != site else {}),
             **_policy(specials, exclude_special_tokens_from_reconstruction, saebench_compat),
             "seconds": seconds,
         },
@@ -397,7 +405,7 @@ def evaluate(
 def _eval_pass(
     sae: SAE,
     model: GPT,
-    site: str,
+    sites: tuple[str, str],
     batches: Iterator[torch.Tensor],
     n_sv: int,
     n_ce: int,
@@ -407,11 +415,11 @@ def _eval_pass(
 ) -> tuple[_Stats, _CEStats, int, int]:
     """The one pass over the token batches: the first n_ce get CE/KL (clean, spliced, ablated), and their spliced
     activations feed the sparsity/variance sums; the rest of the first n_sv get a forward stopped at the site.
-    Returns the sums and the tokens each metric set read."""
-    device = model.device
+    Returns the sums and the tokens each metric set read. sites: (where the SAE reads, where it writes)."""
+    (site_in, site), device = sites, model.device
     special = torch.tensor(sorted(specials), device=device)
     acc_device = _acc_device(device)
-    stats, ce = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc_device), _CEStats(acc_device)
+    stats, ce = _Stats(sae.cfg.width_out, sae.cfg.d_sae, acc_device), _CEStats(acc_device)
     sv_tok = ce_tok = 0
     for i, idx in enumerate(batches):
         idx = idx.to(device)
@@ -423,9 +431,9 @@ def _eval_pass(
             if i < n_sv:
                 stats.update(stash["x"], stash["f"], stash["xh"], keep)
         elif i < n_sv:
-            _, acts = run_with_cache(model, idx, [site])
-            f = sae.encode(acts[site])
-            stats.update(acts[site], f, sae.decode(f), keep)
+            _, acts = run_with_cache(model, idx, [site_in, site])
+            f = sae.encode(acts[site_in])
+            stats.update(acts[site], f, sae.decode(f, acts[site_in]), keep)
         sv_tok += idx.numel() if i < n_sv else 0
         bar.update(idx.numel())
     bar.close()
@@ -630,7 +638,8 @@ def make_train_eval(
 
     @torch.no_grad()
     def run(sae: SAE) -> dict[str, float]:
-        site = sae_site(model, sae)
+        sae_site(model, sae)
+        site = out_site(model, sae)  # where it writes: a transcoder's output site is the one ablated
         if site not in ablated:
             base = _CEStats(acc_device)
             for (idx, keep), logp in zip(batches, clean):
@@ -638,7 +647,7 @@ def make_train_eval(
             ablated[site] = {k: base.s[k] for k in ("abl", "kl_abl")}
         ce = _CEStats(acc_device)
         ce.s.update({k: v.clone() for k, v in ablated[site].items()})
-        stats = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc_device)
+        stats = _Stats(sae.cfg.width_out, sae.cfg.d_sae, acc_device)
         for (idx, keep), logp in zip(batches, clean):
             stash = _ce_batch(model, idx, keep, ce, site, logp, sae=sae)
             stats.update(stash["x"], stash["f"], stash["xh"], keep)

@@ -31,7 +31,7 @@ from .checkpoint import PHASE_DIRS, checkpoint_steps, load_model, resolve
 from .errors import NanosaeError
 from .evaluate import _acc_device, _ce_batch, _CEStats, _Stats, special_token_ids
 from .fileio import atomic_write, atomic_write_json, sha256_file
-from .hooks import run_with_cache, sae_site
+from .hooks import out_site, run_with_cache, sae_site
 from .sae import SAE
 
 F64 = torch.float64
@@ -163,11 +163,12 @@ def measure(
     first ce_rows rows also get the CE/KL forwards (clean, spliced, zero-ablated); the others a forward stopped
     at the site and a sparse encode and decode (no dense latents). ref: the reference checkpoint's sparse latents
     of every token of rows (flat), for the correlation; keep_codes: return this pass's own."""
-    site = sae_site(model, sae)
+    site_in = sae_site(model, sae)
+    site = out_site(model, sae)  # where it writes (a transcoder's output site)
     device, acc = model.device, _acc_device(model.device)
     sae = sae.to(device)
     special = torch.tensor(specials, device=device)
-    stats, ce = _Stats(sae.cfg.d_in, sae.cfg.d_sae, acc), _CEStats(acc)
+    stats, ce = _Stats(sae.cfg.width_out, sae.cfg.d_sae, acc), _CEStats(acc)
     lat = _Latents(sae.cfg.d_sae, top_n, acc)
     codes: list[tuple[torch.Tensor, torch.Tensor]] = []
     T = rows.shape[1]
@@ -179,11 +180,13 @@ def measure(
             x, xh = s["x"], s["xh"]
             vals, ids = _sparse(s["f"])
         else:
-            _, acts = run_with_cache(model, idx, [site])
+            _, acts = run_with_cache(model, idx, [site_in, site])
             x = acts[site]
-            vals, ids = sae.encode_sparse(x)
+            vals, ids = sae.encode_sparse(acts[site_in])
             flat = F.embedding_bag(ids.flatten(0, 1), sae.W_dec, per_sample_weights=vals.flatten(0, 1), mode="sum")
             xh = flat.view(*ids.shape[:-1], -1) + sae.b_dec
+            if sae.cfg.skip:
+                xh = xh + acts[site_in].to(sae.W_skip.dtype) @ sae.W_skip.T
         stats.update(x, (vals, ids), xh, keep)
         vals = (vals.float() * keep[..., None]).flatten(0, 1)
         ids = ids.flatten(0, 1)

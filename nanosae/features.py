@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_json, sha256_file, verify_sha256
-from .hooks import parse_site, run_with_cache, sae_site
-from .sae import SAE
+from .hooks import out_site, parse_site, run_with_cache, sae_site
+from .sae import SAE, saved_architecture
 
 FINE_BINS = 256  # histogram resolution over [0, hi)
 RES_BINS = 32  # reservoir grid over [0, hi): interval edges snap to within max/32
@@ -310,14 +310,16 @@ def compute_features(
         raise NanosaeError("all batches must have the same row length")
     stream = torch.cat(rows).reshape(-1)
     t = _finish(acc, stream, rows[0].shape[1], cfg)
-    t.update(_weight_stats(model, sae, site, cfg))
+    out = out_site(model, sae)  # logit effects: from where the decoder writes (a transcoder's output site)
+    t.update(_weight_stats(model, sae, out, cfg))
     meta = {
         "version": STATS_VERSION,
         "config": dataclasses.asdict(cfg),
         "site": site,
+        **({"site_out": out} if out != site else {}),
         "d_sae": D,
         "d_in": sae.cfg.d_in,
-        "architecture": sae.cfg.architecture,
+        "architecture": saved_architecture(sae.cfg),  # SAELens' name (jumprelu_transcoder for a transcoder)
         "model_name": getattr(getattr(model, "info", None), "name", "") or sae.cfg.model_name,
         "n_tokens": acc.n,
         "n_positions": pos0,

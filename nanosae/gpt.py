@@ -237,7 +237,10 @@ class Block(nn.Module):
         x = x + a
         if hook:
             x = hook("resid_mid", x)
-        h = F.relu(self.mlp.c_fc(norm(x, eps))).square()
+        u = norm(x, eps)
+        if hook:
+            u = hook("mlp_in", u)
+        h = F.relu(self.mlp.c_fc(u)).square()
         if hook:
             h = hook("mlp_hidden", h)
         m = self.mlp.c_proj(h)

@@ -1,7 +1,8 @@
 """Named sites in the nanochat GPT, and the small API to read or replace activations there.
 
 Sites: `embed` (normed, smeared token embedding = x0), per layer i `blocks.{i}.resid_pre` (block input after
-the lambda mix), `.attn_out`, `.resid_mid`, `.mlp_hidden` (after relu²), `.mlp_out`, `.resid_post` (block
+the lambda mix), `.attn_out`, `.resid_mid`, `.mlp_in` (normed resid_mid: what the MLP reads, a transcoder's
+input), `.mlp_hidden` (after relu²), `.mlp_out`, `.resid_post` (block
 output), and `final` (normed input of lm_head). SAELens/TransformerLens names (`blocks.{i}.hook_resid_post`,
 `blocks.{i}.mlp.hook_post`, `hook_embed`, `ln_final.hook_normalized`) are accepted everywhere.
 
@@ -21,7 +22,7 @@ import torch
 from .errors import NanosaeError
 from .gpt import GPT, HookFn
 
-LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_hidden", "mlp_out", "resid_post")
+LAYER_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
 GLOBAL_SITES = ("embed", "final")
 _SAELENS = {
     "hook_resid_pre": "resid_pre",
@@ -29,6 +30,7 @@ _SAELENS = {
     "hook_resid_post": "resid_post",
     "hook_attn_out": "attn_out",
     "hook_mlp_out": "mlp_out",
+    "ln2.hook_normalized": "mlp_in",
     "mlp.hook_post": "mlp_hidden",
 }
 _SAELENS_GLOBAL = {"hook_embed": "embed", "ln_final.hook_normalized": "final"}
@@ -124,6 +126,25 @@ def expand_sites(spec: str, n_layer: int, layers: str | None = None) -> list[str
     return sorted(dict.fromkeys(names), key=depth)
 
 
+def check_target(site: str, target: str) -> None:
+    """A one-line error unless a transcoder can read `site` and predict `target`: a later site of the same block."""
+    (layer, kind), (t_layer, t_kind) = parse_site(site), parse_site(target)
+    example = f"e.g. --site blocks.{layer or 0}.mlp_in --target blocks.{layer or 0}.mlp_out"
+    if layer is None or t_layer is None:
+        raise NanosaeError(f"a transcoder reads and writes sites of one block, not {site} -> {target}; {example}")
+    if t_layer != layer:
+        raise NanosaeError(
+            f"--target {target} is in block {t_layer} but the input {site} in block {layer}: a transcoder reads and "
+            f"writes within one block (cross-layer transcoders are not supported); {example}"
+        )
+    if LAYER_SITES.index(t_kind) <= LAYER_SITES.index(kind):
+        what = "is the input site itself" if t_kind == kind else f"comes before {site} in the forward"
+        raise NanosaeError(
+            f"--target {target} {what}; a transcoder predicts a later site from an earlier one ({example}), and an "
+            "SAE (no --target) reconstructs its own site"
+        )
+
+
 def sae_site(model: GPT, sae, check_model: bool = False) -> str:
     """The site an SAE (anything with cfg.hook_name, cfg.d_in, cfg.model_name) reads on this model, after checking
     the model has it at the SAE's width, and with check_model that the SAE was trained on a model of this name."""
@@ -137,6 +158,8 @@ def sae_site(model: GPT, sae, check_model: bool = False) -> str:
             f"the SAE reads {cfg.d_in}-wide activations but {site} of this model is {width} wide; "
             "use the model the SAE was trained on"
         )
+    if getattr(cfg, "transcoder", False):
+        out_site(model, sae)
     info = getattr(model, "info", None)
     if check_model and cfg.model_name and info is not None and info.name != cfg.model_name:
         raise NanosaeError(
@@ -144,6 +167,31 @@ def sae_site(model: GPT, sae, check_model: bool = False) -> str:
             "(or --no-model-check / check_model=False to go ahead anyway)"
         )
     return site
+
+
+def out_site(model: GPT, sae) -> str:
+    """The site an SAE writes: a transcoder's output site (checked against the model at its width d_out), else the
+    site it reads."""
+    cfg = sae.cfg
+    if not getattr(cfg, "transcoder", False):
+        return canonical_site(cfg.hook_name, model)
+    if not cfg.hook_name_out:
+        raise NanosaeError(
+            "the transcoder's cfg.json names no output site; set metadata.hook_name_out, e.g. blocks.2.hook_mlp_out"
+        )
+    site = canonical_site(cfg.hook_name_out, model)
+    if site_width(model, site) != cfg.d_out:
+        raise NanosaeError(
+            f"the transcoder writes {cfg.d_out}-wide activations but {site} of this model is "
+            f"{site_width(model, site)} wide; use the model it was trained on"
+        )
+    return site
+
+
+def where(model: GPT, sae) -> str:
+    """Where an SAE works, for people: its site, or a transcoder's "input -> output" sites."""
+    site, out = sae_site(model, sae), out_site(model, sae)
+    return site if out == site else f"{site} -> {out}"
 
 
 def last_layer(sites: Iterable[str], model: GPT) -> int | None:

@@ -43,6 +43,7 @@ SET_KIND = {
     "resid_mid": "res_mid",
     "attn_out": "att",
     "mlp_out": "mlp",
+    "mlp_in": "mlp_in",
     "mlp_hidden": "mlp_post",
     "embed": "emb",
     "final": "ln_final",
@@ -58,7 +59,8 @@ def names(stats, model_id: str | None = None, set_name: str | None = None) -> di
     """model id, layer, source set and source (the SAE id) for these statistics."""
     layer, kind = parse_site(stats.meta["site"])
     model_id = model_id or stats.meta["model_name"] or "nanochat"
-    set_name = set_name or f"{SET_KIND[kind]}-nanosae"
+    # a transcoder's set says so, as Neuronpedia's transcoder sources do (e.g. gemmascope-transcoder-16k)
+    set_name = set_name or ("transcoder-nanosae" if stats.meta.get("site_out") else f"{SET_KIND[kind]}-nanosae")
     for what, v in (("model id", model_id), ("source set name", set_name)):
         if not _ID_RE.fullmatch(v):
             raise NanosaeError(
@@ -245,6 +247,11 @@ def _write_run_settings(stats, n: dict, dash: Path, log_sparsity: float) -> list
         "layer": n["layer"],
         "hook_name": n["hook_name"],
         "nanosae_site": m["site"],
+        **(
+            {"hook_name_out": saelens_hook_name(m["site_out"]), "nanosae_site_out": m["site_out"]}
+            if m.get("site_out")
+            else {}
+        ),
         "d_sae": stats.d_sae,
         "architecture": m["architecture"],
         "n_prompts_total": m["n_prompts"],

@@ -10,7 +10,9 @@ Steering edits the activation at the same site (several latents at once):
           (a = 1 then adds a vector as long as the activation itself)
   clamp   x' = decode(f with f_i := v) + (x − decode(f)) = x + (v − f_i) · W_dec[i]: the SAE error is kept
   ablate  clamp to 0
-on every position, or only on generated ones (positions after the latest prefill).
+on every position, or only on generated ones (positions after the latest prefill). A transcoder is tracked at its
+input site and steered at its output site (the block's MLP output for an mlp_in -> mlp_out transcoder): add writes
+a · u_i · W_dec[i] there, clamp uses f_i of the input read earlier in the same forward.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .features import RECOMPUTE, STATS_VERSION, direction_to_resid
 from .fileio import sha256_file, verify_sha256
 from .generate import generate_stream
 from .gpt import GPT
-from .hooks import add_hooks, sae_site
+from .hooks import add_hooks, out_site, sae_site
 from .labels import load_labels
 from .sae import SAE, load_sae, sae_folder
 
@@ -183,6 +185,17 @@ class Steering:
         self.clamp_ids = torch.tensor([s.latent for s in clamps], device=dev, dtype=torch.long)
         self.clamp_to = torch.tensor([s.clamp for s in clamps], device=dev, dtype=W.dtype)
         self.prompt_end = 0
+        self.x_in: torch.Tensor | None = None  # a transcoder's input in this forward
+
+    def hooks(self, model: GPT) -> dict[str, list[Callable]]:
+        """Its hooks by site: at the SAE's site; for a transcoder, at its output site, after a reader of its input."""
+        site = out_site(model, self.sae)
+        if not self.sae.cfg.transcoder:
+            return {site: [self.hook]}
+        return {sae_site(model, self.sae): [self._read], site: [self.hook]}
+
+    def _read(self, x: torch.Tensor, start: int) -> None:
+        self.x_in = x
 
     def hook(self, x: torch.Tensor, start: int) -> torch.Tensor | None:
         if start == 0:  # a forward from position 0 is a new prompt (the prefill); later positions are generated
@@ -197,7 +210,8 @@ class Steering:
         if self.add_dir is not None:
             delta += xs.norm(dim=-1, keepdim=True) * self.add_dir
         if len(self.clamp_ids):
-            f = self.sae.encode(xs)[..., self.clamp_ids]
+            x_in = xs if self.x_in is None else self.x_in[:, first:].to(xs.dtype)
+            f = self.sae.encode(x_in)[..., self.clamp_ids]
             delta += (self.clamp_to - f) @ self.sae.W_dec[self.clamp_ids]
         steered = (xs + delta).to(x.dtype)
         return steered if first == 0 else torch.cat([x[:, :first], steered], dim=1)
@@ -213,7 +227,7 @@ def steer(
 ) -> Iterator[Steering]:
     """Apply `steers` to every forward inside the block; leaving it restores the model exactly."""
     steering = Steering(sae, steers, only_generated, units)
-    hooks = {sae_site(model, sae): steering.hook} if steers else {}
+    hooks = steering.hooks(model) if steers else {}
     with add_hooks(model, hooks):
         yield steering
 
@@ -243,11 +257,12 @@ def generate_tracked(
     steering."""
     site = sae_site(model, sae)
     tracker = tracker or Tracker(sae)
-    fns = ([Steering(sae, steers, only_generated, units).hook] if steers else []) + [tracker.hook]
+    hooks = Steering(sae, steers, only_generated, units).hooks(model) if steers else {}
+    hooks[site] = hooks.get(site, []) + [tracker.hook]  # after an SAE's steering: it tracks what the model reads
     stream = generate_stream(model, tokens, max_tokens, temperature, top_k, seed, stop_tokens, read_last=True)
     pending = None
     while True:
-        with lock or nullcontext(), add_hooks(model, {site: fns}):
+        with lock or nullcontext(), add_hooks(model, hooks):
             token = next(stream, None)  # reads the previous token (or the prompt), then samples this one
         tracker.flush()
         if pending is not None:
@@ -262,7 +277,7 @@ def generate_tracked(
 
 def residual_directions(model: GPT, sae: SAE) -> torch.Tensor:
     """Each latent's decoder direction in the residual stream (d_sae, n_embd)."""
-    return direction_to_resid(model, sae_site(model, sae), sae.W_dec.detach().float())
+    return direction_to_resid(model, out_site(model, sae), sae.W_dec.detach().float())
 
 
 def logit_effects(model: GPT, directions: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,12 @@ W_dec [d_sae, d_in], b_dec [d_in]; pre = (x - b_dec) W_enc + b_enc):
   topk      f = relu(topk_k(pre))
   jumprelu  f = relu(pre) * (pre > threshold)
   gated     f = 1[(x - b_dec) W_enc + b_gate > 0] * relu((x - b_dec)(W_enc * exp(r_mag)) + b_mag)
-and two that only loading makes (SignedSAE: nanochat PR #169's TopK and Gated variants, which SAELens cannot load;
+A transcoder (SAEConfig.d_out > 0) reads one site and writes another (Dunefsky et al. 2024, arXiv 2406.11944): the
+same four forms with the encoder reading x itself (pre = x W_enc + b_enc: b_dec lives in the output space), W_dec
+[d_sae, d_out], b_dec [d_out]; a skip-transcoder adds x W_skip^T (W_skip [d_out, d_in], Paulo et al. 2025). Saved as
+SAELens' transcoder, jumprelu_transcoder, skip_transcoder, jumprelu_skip_transcoder; a TopK transcoder has no SAELens
+class and saves as topk_transcoder (nanosae reads it, SAELens does not).
+And two that only loading makes (SignedSAE: nanochat PR #169's TopK and Gated variants, which SAELens cannot load;
 their latents keep their sign):
   topk_signed   f = topk_k(pre)
   gated_signed  f = 1[(x - b_dec) W_gate + b_gate > 0] * pre
@@ -77,6 +82,18 @@ class SAEConfig:
     dataset_path: str = ""
     dtype: str = "float32"
     training: dict = field(default_factory=dict)  # the training recipe (its `arch` among them), for the record
+    d_out: int = 0  # a transcoder's output width (0: an SAE, which writes where it reads)
+    skip: bool = False  # a skip-transcoder: x W_skip^T joins the output
+    hook_name_out: str = ""  # a transcoder's output site, e.g. "blocks.2.mlp_out"
+
+    @property
+    def transcoder(self) -> bool:
+        return self.d_out > 0
+
+    @property
+    def width_out(self) -> int:
+        """The width of what it writes: d_out for a transcoder, d_in for an SAE."""
+        return self.d_out or self.d_in
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -87,16 +104,20 @@ class SAEConfig:
             raise NanosaeError(f"d_in and d_sae must be positive (got {self.d_in}, {self.d_sae})")
         if self.architecture in ("topk", "topk_signed") and not (self.k and 0 < self.k <= self.d_sae):
             raise NanosaeError(f"topk needs 0 < k <= d_sae (got k={self.k}, d_sae={self.d_sae})")
+        if (self.transcoder or self.skip) and self.architecture not in TRANSCODER_NAMES:
+            raise NanosaeError(f"a {self.architecture} transcoder does not exist; use {', '.join(TRANSCODER_NAMES)}")
 
 
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        d_in, d_sae = cfg.d_in, cfg.d_sae
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out or cfg.d_in
         self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))
         if cfg.architecture == "gated":
             self.b_gate = nn.Parameter(torch.zeros(d_sae))
             self.b_mag = nn.Parameter(torch.zeros(d_sae))
@@ -108,7 +129,9 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations (the gate path for gated SAEs)."""
-        x = x.to(self.W_enc.dtype) - self.b_dec
+        x = x.to(self.W_enc.dtype)
+        if not self.cfg.transcoder:
+            x = x - self.b_dec
         if self.cfg.architecture == "gated":
             return x @ self.W_enc + self.b_gate
         return x @ self.W_enc + self.b_enc
@@ -142,11 +165,17 @@ class SAE(nn.Module):
             n = max(1, int((f > 0).sum(-1).max()))
         return f.topk(min(n, d_sae), dim=-1)
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The output of latents f; a skip-transcoder adds its skip term, so it needs the input x as well."""
+        out = f @ self.W_dec + self.b_dec
+        if self.cfg.skip:
+            if x is None:
+                raise NanosaeError("a skip-transcoder's output depends on its input too: call decode(f, x)")
+            out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     @property
     def device(self) -> torch.device:
@@ -172,12 +201,12 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
     from .hooks import saelens_hook_name
 
     out = {
-        "architecture": cfg.architecture,
+        "architecture": saved_architecture(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not cfg.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -198,7 +227,30 @@ def saelens_cfg(cfg: SAEConfig) -> dict:
         out["rescale_acts_by_decoder_norm"] = False
     if cfg.architecture in SignedSAE.notes:  # for a reader of cfg.json, SAELens among them: it refuses the name
         out["metadata"]["nanosae_note"] = SignedSAE.notes[cfg.architecture]
+    if cfg.transcoder:
+        out["d_out"] = cfg.d_out
+        out["metadata"]["hook_name_out"] = saelens_hook_name(cfg.hook_name_out) if cfg.hook_name_out else ""
+        out["metadata"]["nanosae_site_out"] = cfg.hook_name_out
+        if cfg.architecture == "topk":
+            out["metadata"]["nanosae_note"] = TOPK_TRANSCODER_NOTE
     return out
+
+
+# a transcoder's inference form -> SAELens' architecture name (plain, skip); topk has no SAELens class
+TRANSCODER_NAMES = {
+    "standard": ("transcoder", "skip_transcoder"),
+    "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+    "topk": ("topk_transcoder", "topk_skip_transcoder"),
+}
+TOPK_TRANSCODER_NOTE = (
+    "a TopK transcoder: f = relu(topk_k(x W_enc + b_enc)). SAELens has no TopK transcoder class and cannot load this "
+    "folder; train with --arch transcoder (BatchTopK, saved as jumprelu_transcoder) for one SAELens reads."
+)
+
+
+def saved_architecture(cfg: SAEConfig) -> str:
+    """The architecture name cfg.json carries: SAELens' name for an SAE's form, or for a transcoder's."""
+    return TRANSCODER_NAMES[cfg.architecture][cfg.skip] if cfg.transcoder else cfg.architecture
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,9 +291,46 @@ def _site(hook: str) -> str:
         return hook  # a hook name from another model family: keep it, the SAE can still encode/decode tensors
 
 
+# the cfg.json fields a transcoder folder may have (SAELens' TranscoderConfig and ours); any other may change what
+# it computes, so it is refused rather than ignored
+TRANSCODER_FIELDS = {
+    "architecture", "d_in", "d_sae", "d_out", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
+    "reshape_activations", "metadata", "k", "rescale_acts_by_decoder_norm",
+}  # fmt: skip
+
+
+def _transcoder_form(raw: dict, where: Path) -> tuple[str, bool] | None:
+    """(inference form, skip) of a transcoder cfg.json, None for an SAE; a one-line error for what nanosae cannot
+    compute as written."""
+    forms = {name: (form, bool(skip)) for form, names in TRANSCODER_NAMES.items() for skip, name in enumerate(names)}
+    form = forms.get(raw.get("architecture"))
+    if form is None:
+        return None
+    if unknown := sorted(set(raw) - TRANSCODER_FIELDS):
+        raise NanosaeError(
+            f"{where}: transcoder cfg.json fields {', '.join(unknown)} are unknown to nanosae (they may change what it "
+            "computes); fold them into the weights and remove them, or load it with the tool that wrote it"
+        )
+    if not isinstance(raw.get("d_out"), int) or raw["d_out"] <= 0:
+        raise NanosaeError(f"{where}: a transcoder's cfg.json needs d_out (its output width); add it")
+    if raw.get("apply_b_dec_to_input") or raw.get("rescale_acts_by_decoder_norm"):
+        raise NanosaeError(
+            f"{where}: a transcoder with apply_b_dec_to_input or rescale_acts_by_decoder_norm set is not supported "
+            "(SAELens refuses the first too); save it with both false"
+        )
+    return form
+
+
 def _saelens_tensors(raw: dict, t: dict[str, torch.Tensor], where: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """Map SAELens variants onto our four inference forms (x - b_dec always applied, no rescaling)."""
+    """Map SAELens variants onto our four inference forms (x - b_dec always applied to an SAE, no rescaling)."""
     architecture = raw.get("architecture", "standard")
+    if form := _transcoder_form(raw, where):
+        norm = raw.get("normalize_activations", "none") or "none"
+        if norm != "none":
+            raise NanosaeError(
+                f"{where}: normalize_activations={norm!r} is not folded into the weights; save it folded"
+            )
+        return form[0], t
     batchtopk = architecture in ("batchtopk", "matryoshka_batchtopk") and "topk_threshold" in t  # a training checkpoint
     if (architecture == "topk" or batchtopk) and raw.get("rescale_acts_by_decoder_norm"):  # top-k of pre*|W_dec|: fold
         n = t["W_dec"].norm(dim=1)
@@ -314,13 +403,18 @@ def _load_any(path: str | os.PathLike, device: str | torch.device = "cpu") -> SA
         weights = path / "sae_weights.safetensors"
         tensors = _read_tensors(weights)
     meta = raw.get("metadata", {}) or {}
+    form = _transcoder_form(raw, path)
     architecture, tensors = _saelens_tensors(raw, tensors, path)
     known = {f.name for f in dataclasses.fields(SAEConfig)}
     cfg = SAEConfig(
         architecture=architecture,
-        **{k: raw[k] for k in ("d_in", "d_sae", "dtype") if k in raw and k in known},
+        **{k: raw[k] for k in ("d_in", "d_sae", "dtype", "d_out") if k in raw and k in known},
         k=raw.get("k") if architecture in ("topk", "topk_signed") else None,
+        skip=bool(form and form[1]),
         hook_name=_site(meta.get("nanosae_site") or meta.get("hook_name") or raw.get("hook_name") or ""),
+        hook_name_out=_site(
+            meta.get("nanosae_site_out") or meta.get("hook_name_out") or raw.get("hook_name_out") or ""
+        ),
         model_name=meta.get("model_name", raw.get("model_name", "")) or "",
         context_size=meta.get("context_size", raw.get("context_size", 0)) or 0,
         prepend_bos=meta.get("prepend_bos", True),
@@ -439,6 +533,10 @@ def read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     bias = next((b for b in ENCODER_BIASES if b in t), None)
     if "b_dec" not in t or bias is None or t["b_dec"].ndim != 1 or t[bias].ndim != 1:
         raise NanosaeError(f"{path}: tensors {sorted(t)}: no b_dec and encoder bias (b_enc); not an SAE state dict")
+    if config.get("d_out"):  # a transcoder (nanosae's layout): b_dec is d_out wide, the config says the rest
+        if not isinstance(config.get("d_in"), int):
+            raise NanosaeError(f"{path}: a transcoder's config needs d_in; save it with nanosae's save_pt")
+        return {**config, "d_sae": len(t[bias])}, t
     d_in, d_sae = len(t["b_dec"]), len(t[bias])
     if (config.get("d_in") or d_in, config.get("d_sae") or d_sae) != (d_in, d_sae):
         raise NanosaeError(
@@ -512,6 +610,7 @@ class SAETrainConfig:
     """One SAE's training recipe. None picks the architecture's default (the `defaults` of its class)."""
 
     arch: str = "topk"  # the training architecture: standard | april | topk | batchtopk | gated | jumprelu
+    kind: str = "sae"  # sae | transcoder | skip_transcoder (reads the run's site, predicts its target site)
     expansion: int = 16  # d_sae = expansion * d_in, unless d_sae is given
     d_sae: int = 0
     k: int = 32  # topk, batchtopk: active latents per token (batchtopk: on average over the batch)
@@ -542,10 +641,20 @@ class SAETrainConfig:
         c = dataclasses.replace(self, matryoshka=tuple(int(m) for m in self.matryoshka))
         c.d_sae = self.d_sae or self.expansion * d_in
         c.expansion = c.d_sae // d_in
-        for key, value in {**cls.defaults, "lr": 2e-4 / math.sqrt(c.d_sae / 2**14), "k_aux": d_in // 2}.items():
+        # a transcoder's two sides may differ in scale by orders of magnitude (mlp_in is normed, mlp_out is not):
+        # each is scaled to E|x| = sqrt(width) unless told otherwise, so the init's unit decoder rows fit the target
+        transcoder = {"normalize": True} if c.kind != "sae" else {}
+        defaults = {**cls.defaults, **transcoder, "lr": 2e-4 / math.sqrt(c.d_sae / 2**14), "k_aux": d_in // 2}
+        for key, value in defaults.items():
             if getattr(c, key) is None:
                 setattr(c, key, value)
         topk = issubclass(cls, TopKSAE)
+        if c.kind not in KINDS:
+            raise NanosaeError(f"unknown kind {c.kind!r}; choose one of {', '.join(KINDS)}")
+        if c.kind != "sae" and c.arch not in TRANSCODER_ARCHS:
+            raise NanosaeError(
+                f"a transcoder with the {c.arch} activation is not supported; use {', '.join(TRANSCODER_ARCHS)}"
+            )
         if c.target_l0 is not None and not 0 < c.target_l0 < c.d_sae:
             raise NanosaeError(f"target L0 must be in (0, d_sae={c.d_sae}), got {c.target_l0}")
         if topk and c.target_l0:
@@ -563,8 +672,26 @@ class SAETrainConfig:
         if not c.name:
             width = f"x{c.expansion}" if c.expansion * d_in == c.d_sae else f"w{c.d_sae}"
             detail = f"k{c.k}" if topk else f"L0{c.target_l0:g}" if c.target_l0 else f"l{c.sparsity_coeff:g}"
-            c.name = f"{c.arch}{'_matryoshka' if c.matryoshka else ''}_{detail}_{width}"
+            c.name = f"{arch_flag(c.arch, c.kind)}{'_matryoshka' if c.matryoshka else ''}_{detail}_{width}"
         return c
+
+
+KINDS = ("sae", "transcoder", "skip_transcoder")
+TRANSCODER_ARCHS = ("batchtopk", "topk", "jumprelu", "standard", "april")  # the first is `--arch transcoder`'s
+
+
+def split_arch(name: str) -> tuple[str, str]:
+    """(arch, kind) of an --arch value: topk -> (topk, sae); transcoder -> (batchtopk, transcoder);
+    jumprelu_skip_transcoder -> (jumprelu, skip_transcoder)."""
+    for kind in ("skip_transcoder", "transcoder"):
+        if name == kind or name.endswith("_" + kind):
+            return name[: -len(kind)].rstrip("_") or TRANSCODER_ARCHS[0], kind
+    return name, "sae"
+
+
+def arch_flag(arch: str, kind: str) -> str:
+    """The --arch value of (arch, kind): split_arch's inverse."""
+    return arch if kind == "sae" else f"{arch}_{kind}"
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -611,23 +738,65 @@ class TrainingSAE(nn.Module):
     defaults: dict = {}
     enc_biases: tuple[str, ...] = ("b_enc",)  # per-latent encoder parameters, zeroed on resampling
 
-    def __init__(self, cfg: SAETrainConfig, d_in: int):
+    def __init__(self, cfg: SAETrainConfig, d_in: int, d_out: int = 0):
         super().__init__()
         self.cfg = cfg = cfg.resolved(d_in)
-        self.d_in, self.d_sae = d_in, cfg.d_sae
-        W_dec = torch.randn(cfg.d_sae, d_in)
+        self.transcoder = cfg.kind != "sae"
+        if self.transcoder != (d_out > 0):
+            raise NanosaeError(
+                "a transcoder needs a target site (--target, e.g. mlp_out)" if self.transcoder else
+                f"--target is for transcoders; train one with --arch transcoder (or {cfg.arch}_transcoder)"
+            )  # fmt: skip
+        self.d_in, self.d_sae, self.d_out = d_in, cfg.d_sae, d_out or d_in
+        W_dec = torch.randn(cfg.d_sae, self.d_out)
         W_dec *= self.decoder_init_norm / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        # encoder = decoder transpose, stored as the transpose of a (d_sae, d_in) matrix: the gradients of x @ W_enc
-        # (dense and sparse) arrive in that layout, so the optimizer gets them without a transposing copy
-        self.W_enc = nn.Parameter(W_dec.clone().t())
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # encoder = decoder transpose (a transcoder's: random rows), stored as the transpose of a
+        # (d_sae, d_in) matrix: the gradients of x @ W_enc (dense and sparse) arrive in that layout, so the
+        # optimizer gets them without a transposing copy
+        W_enc = W_dec.clone()
+        if self.transcoder:  # small, so the random decoder's first output stays near b_dec (the target's median)
+            W_enc = torch.randn(cfg.d_sae, d_in)
+            W_enc *= 0.1 / W_enc.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc.t())
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        if cfg.kind == "skip_transcoder":  # SAELens' layout (d_out, d_in); starts at zero, as SAELens' does
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in))
         for name in self.enc_biases:
             setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae)))
         self.register_buffer("input_scale", torch.tensor(1.0))  # c: the SAE sees c * x
-        self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c x - E[c x]|^2 of the init sample
+        if self.transcoder:  # each side its own scale: the transcoder sees c x and predicts c_out y
+            self.register_buffer("target_scale", torch.tensor(1.0))
+            self.register_buffer("no_shift", torch.zeros(d_in), persistent=False)
+        self.register_buffer("mse_scale", torch.tensor(1.0))  # E|c y - E[c y]|^2 of the init sample (y = x: an SAE)
         self.register_buffer("sparsity_coeff", torch.tensor(float(cfg.sparsity_coeff)))  # λ now (target_l0 moves it)
         self.world = 1  # data-parallel ranks sharing each batch (the trainer sets it under DDP)
+
+    @property
+    def output_scale(self) -> torch.Tensor:
+        """c_out: the scale of what the decoder writes (an SAE's is its input scale)."""
+        return self.target_scale if self.transcoder else self.input_scale
+
+    def enc_shift(self) -> torch.Tensor:
+        """What the encoder subtracts from its input: b_dec for an SAE; zeros for a transcoder (its encoder reads x
+        itself, its b_dec is in the output space)."""
+        return self.no_shift if self.transcoder else self.b_dec
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's activations -> (what the encoder reads, what the decoder must reconstruct), scaled. A
+        transcoder's rows are [input | target] side by side (d_in + d_out); a skip-transcoder's decoder reconstructs
+        the target minus the skip term (which carries W_skip's gradient). An SAE's two are one tensor."""
+        if not self.transcoder:
+            xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
+            return xs, xs
+        xs, ys = x[:, : self.d_in] * self.input_scale, x[:, self.d_in :] * self.target_scale
+        if self.cfg.kind == "skip_transcoder":
+            ys = ys - xs @ self.W_skip.T
+        return xs, ys
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled activations the decoder reconstructs (a transcoder's target columns): the FVU's reference."""
+        return x[:, self.d_in :] if self.transcoder else x
 
     def world_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t, concatenated in rank order."""
@@ -639,18 +808,22 @@ class TrainingSAE(nn.Module):
 
     @torch.no_grad()
     def init_from_sample(self, x: torch.Tensor) -> None:
-        """Set the input scale, b_dec and the MSE normaliser from a sample of activations (n, d_in)."""
-        c = math.sqrt(self.d_in) / x.norm(dim=1).mean().item() if self.cfg.normalize else 1.0
-        xs = x * c if c != 1.0 else x
-        self.input_scale.fill_(c)
+        """Set the input scale(s), b_dec and the MSE normaliser from a sample of activations (n, d_in; a transcoder's
+        n, d_in + d_out)."""
+        sides = [(self.input_scale, x if not self.transcoder else x[:, : self.d_in])]
+        if self.transcoder:
+            sides.append((self.target_scale, self.target(x)))
+        for scale, part in sides:  # E|c x| = sqrt(width) when normalizing
+            scale.fill_(math.sqrt(part.shape[1]) / part.norm(dim=1).mean().item() if self.cfg.normalize else 1.0)
+        ys = self.target(x) * self.output_scale  # before any skip: W_skip starts at zero
         if self.cfg.b_dec_init == "geometric_median":
-            self.b_dec.copy_(geometric_median(xs))
+            self.b_dec.copy_(geometric_median(ys))
         elif self.cfg.b_dec_init == "mean":
-            self.b_dec.copy_(xs.mean(0))
-        self.mse_scale.fill_(torch.var(xs, dim=0, correction=0).sum().clamp_min(1e-12))
+            self.b_dec.copy_(ys.mean(0))
+        self.mse_scale.fill_(torch.var(ys, dim=0, correction=0).sum().clamp_min(1e-12))
 
     def pre_acts(self, xs: torch.Tensor) -> torch.Tensor:
-        return (xs - self.b_dec) @ self.W_enc + self.b_enc
+        return (xs - self.enc_shift()) @ self.W_enc + self.b_enc
 
     def encode(self, xs: torch.Tensor) -> torch.Tensor:
         """Dense latents of scaled inputs (for resampling and checks; training uses `loss`)."""
@@ -665,7 +838,7 @@ class TrainingSAE(nn.Module):
         raise NotImplementedError
 
     def _out(self, loss, sse, fired, aux, **extra) -> LossOut:
-        return LossOut(loss, sse.detach() / self.input_scale**2, fired, aux.detach(), extra)
+        return LossOut(loss, sse.detach() / self.output_scale**2, fired, aux.detach(), extra)
 
     def latent_params(self) -> list[tuple[nn.Parameter, int]]:
         """(parameter, dim) pairs whose slices along dim belong to one latent."""
@@ -701,14 +874,14 @@ class TrainingSAE(nn.Module):
         idx = dead.nonzero().squeeze(1)
         if idx.numel() == 0 or idx.numel() == self.d_sae:
             return 0
-        xs = x * self.input_scale
-        loss = (self.encode(xs) @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        xs, ys = self.split(x)  # a transcoder: the input goes to the encoder row, the target to the decoder row
+        loss = (self.encode(xs) @ self.W_dec + self.b_dec - ys).pow(2).sum(-1)
         p = loss.pow(2) if loss.pow(2).sum() > 0 else torch.ones_like(loss)
         pick = torch.multinomial(p, idx.numel(), replacement=idx.numel() > p.numel())
-        v = xs[pick] / xs[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v_in, v_out = (v[pick] / v[pick].norm(dim=1, keepdim=True).clamp_min(1e-12) for v in (xs, ys))
         alive_norm = self.W_enc[:, ~dead].norm(dim=0).mean()
-        self.W_dec[idx] = v * (self.W_dec[~dead].norm(dim=1).mean() if not self.unit_norm else 1.0)
-        self.W_enc[:, idx] = v.t() * 0.2 * alive_norm
+        self.W_dec[idx] = v_out * (self.W_dec[~dead].norm(dim=1).mean() if not self.unit_norm else 1.0)
+        self.W_enc[:, idx] = v_in.t() * 0.2 * alive_norm
         for name in self.enc_biases:
             getattr(self, name)[idx] = 0.0
         for p_, dim in self.latent_params():
@@ -718,24 +891,34 @@ class TrainingSAE(nn.Module):
         return idx.numel()
 
     def inference_tensors(self) -> dict[str, torch.Tensor]:
-        """The inference SAE's tensors in the scaled units (x - b_dec applied to the input)."""
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        """The inference SAE's tensors in the scaled units (x - b_dec applied to an SAE's input)."""
+        t = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        return {**t, "W_skip": self.W_skip} if self.cfg.kind == "skip_transcoder" else t
+
+    def _unscale(self, names) -> dict[str, float]:
+        """Per inference tensor, the factor that takes it to the model's units. Latents and encoder biases: 1/c
+        (pre(c x)/c = pre'(x)); the output: 1/c_out, so W_dec (and W_skip) x c/c_out and b_dec x 1/c_out (an SAE's
+        c_out = c: its decoder rows keep their trained norms)."""
+        c, c_out = self.input_scale.item(), self.output_scale.item()
+        out = {"W_enc": 1.0, "r_mag": 1.0, "W_dec": c / c_out, "W_skip": c / c_out, "b_dec": 1 / c_out}
+        return {name: out.get(name, 1 / c) for name in names}
 
     @torch.no_grad()
     def to_inference(self, **meta) -> SAE:
-        """The inference SAE reading unscaled activations: latents and biases divided by the input scale c
-        (pre(c x)/c = pre'(x)), so decoder rows keep their trained norms."""
-        c = self.input_scale.item()
-        tensors = {k: v.detach().clone() for k, v in self.inference_tensors().items()}
-        for name in tensors:
-            if name not in ("W_enc", "W_dec", "r_mag"):
-                tensors[name] = tensors[name] / c
+        """The inference SAE reading (and writing) unscaled activations."""
+        t = self.inference_tensors()
+        scale = self._unscale(t)
+        tensors = {k: v.detach() * scale[k] for k, v in t.items()}
         training = {
             **dataclasses.asdict(self.cfg),
             "final_sparsity_coeff": self.sparsity_coeff.item(),
             **meta.pop("training", {}),
         }
         k = self.cfg.k if self.inference_architecture == "topk" else None
+        if self.transcoder:
+            meta.update(d_out=self.d_out, skip=self.cfg.kind == "skip_transcoder")
+        else:
+            meta.pop("hook_name_out", None)
         cfg = SAEConfig(self.inference_architecture, self.d_in, self.d_sae, k=k, training=training, **meta)
         sae = SAE(cfg).to(self.W_dec.device)
         sae.load_state_dict({k: v.contiguous() for k, v in tensors.items()})
@@ -745,18 +928,20 @@ class TrainingSAE(nn.Module):
     def load_inference(self, sae: SAE) -> None:
         """Start from an inference SAE (to fine-tune it): the inverse of to_inference at this SAE's input scale c
         (set from a sample first), so this SAE computes what `sae` computes on c x, scaled by c."""
-        if sae.cfg.architecture != self.inference_architecture or (sae.cfg.d_in, sae.cfg.d_sae) != (
-            self.d_in,
-            self.d_sae,
-        ):
+        form = self.inference_architecture
+        mine = TRANSCODER_NAMES[form][self.cfg.kind == "skip_transcoder"] if self.transcoder else form
+        theirs = saved_architecture(sae.cfg)
+        if (theirs, sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.d_out or sae.cfg.d_in) != (
+            mine, self.d_in, self.d_sae, self.d_out
+        ):  # fmt: skip
             raise NanosaeError(
-                f"the SAE to start from is {sae.cfg.architecture} {sae.cfg.d_in}x{sae.cfg.d_sae}, this run trains "
-                f"{self.cfg.arch} (saved as {self.inference_architecture}) {self.d_in}x{self.d_sae}; leave out "
+                f"the SAE to start from is {theirs} {sae.cfg.d_in}x{sae.cfg.d_sae}, this run trains "
+                f"{self.cfg.arch} (saved as {mine}) {self.d_in}x{self.d_sae}; leave out "
                 "--arch/--k/--expansion/--d-sae so the run takes them from the SAE"
             )
-        c = self.input_scale.item()
         t = {k: v.detach().to(self.W_dec) for k, v in sae.state_dict().items()}
-        self.set_inference_tensors({k: v if k in ("W_enc", "W_dec", "r_mag") else v * c for k, v in t.items()})
+        scale = self._unscale(t)
+        self.set_inference_tensors({k: v / scale[k] for k, v in t.items()})
 
     def set_inference_tensors(self, t: dict[str, torch.Tensor]) -> None:
         """Set the parameters from tensors laid out as inference_tensors returns them."""
@@ -777,9 +962,9 @@ class StandardSAE(TrainingSAE):
         return f.sum(-1)
 
     def loss(self, x, dead, sparsity_warmup, row_grads=None):
-        xs = x * self.input_scale
+        xs, target = self.split(x)
         f = self.encode(xs)
-        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        err = (f @ self.W_dec + self.b_dec - target).pow(2).sum(-1)
         sparsity = self.penalty(f)
         loss = (err + sparsity_warmup * self.sparsity_coeff * sparsity).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
@@ -799,12 +984,14 @@ class AprilSAE(StandardSAE):
     def penalty(self, f):
         return f @ self.W_dec.norm(dim=1)
 
-    def inference_tensors(self):  # x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
-        return {**super().inference_tensors(), "b_enc": self.b_enc + self.b_dec @ self.W_enc}
+    def inference_tensors(self):  # an SAE's x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        t = super().inference_tensors()
+        return t if self.transcoder else {**t, "b_enc": self.b_enc + self.b_dec @ self.W_enc}
 
     def set_inference_tensors(self, t):
         super().set_inference_tensors(t)
-        self.b_enc -= self.b_dec @ self.W_enc
+        if not self.transcoder:
+            self.b_enc -= self.b_dec @ self.W_enc
 
 
 class TopKSAE(TrainingSAE):
@@ -821,10 +1008,10 @@ class TopKSAE(TrainingSAE):
         """The definition of `loss`, written out densely: (batch x d_sae) latents, plain matmuls and autograd. `loss`
         computes the same without the dense latents (tests hold the two to the same loss, gradients and Adam step).
         Slow and memory-hungry: it is for reading, for tests and for the throughput benchmark's reference."""
-        xs = x * self.input_scale if self.cfg.normalize else x
+        xs, target = self.split(x)
         f = self.encode(xs)  # relu(topk_k(pre)), every other latent 0
         widths = (*self.cfg.matryoshka, self.d_sae)  # matryoshka: each nested prefix of latents reconstructs x alone
-        errs = [xs - (f[:, :m] @ self.W_dec[:m] + self.b_dec) for m in widths]  # e = x - x_hat
+        errs = [target - (f[:, :m] @ self.W_dec[:m] + self.b_dec) for m in widths]  # e = x - x_hat
         mse = sum(e.pow(2).sum() for e in errs) / (len(errs) * len(x) * self.mse_scale)
         k_aux = min(self.cfg.k_aux, int(dead.sum()))
         if not k_aux:
@@ -840,19 +1027,26 @@ class TopKSAE(TrainingSAE):
 
     def select(self, xs: torch.Tensor, dead_idx: torch.Tensor, k_aux: int):
         """(codes, pre-activation values, aux codes, aux values) of scaled inputs xs."""
-        W, b = self.W_enc.detach(), self.b_enc.detach() - self.b_dec.detach() @ self.W_enc.detach()
+        W, b = self.W_enc.detach(), self.enc_bias()
         vals, idx, aux_vals, aux_idx = sparse.topk_select(xs, W, b, self.cfg.k, dead_idx, k_aux)
         aux = (sparse.topk_codes(aux_idx, self.d_sae), aux_vals.reshape(-1)) if k_aux else (None, None)
         return (sparse.topk_codes(idx, self.d_sae), vals.reshape(-1), *aux)
 
-    def errors(self, codes: sparse.Codes, vals: torch.Tensor, xs: torch.Tensor, row_grads=None) -> list[torch.Tensor]:
-        """The errors e = x - x_hat of each nested prefix of latents (just the full SAE without matryoshka). The
+    def enc_bias(self) -> torch.Tensor:
+        """b with pre = xs W_enc + b (the shift folded in), for the selection (no gradient)."""
+        return self.b_enc.detach() - self.enc_shift().detach() @ self.W_enc.detach()
+
+    def errors(
+        self, codes: sparse.Codes, vals: torch.Tensor, target: torch.Tensor, row_grads=None
+    ) -> list[torch.Tensor]:
+        """The errors e = x - x_hat (x: the target) of each nested prefix of latents (just the full SAE without
+        matryoshka). The
         decode of -vals is b_dec - x_hat, so e builds up in the decode's own (n, d_in) memory; only small tensors
         are negated (-b_dec: adding it needs no negated copy of the (n, d_in) gradient in the backward)."""
         neg_vals, neg_b_dec = -vals, -self.b_dec
         if not self.cfg.matryoshka:
-            return [sparse.decode(codes, neg_vals, self.W_dec, row_grads).add_(xs).add_(neg_b_dec)]
-        shift = xs + neg_b_dec
+            return [sparse.decode(codes, neg_vals, self.W_dec, row_grads).add_(target).add_(neg_b_dec)]
+        shift = target + neg_b_dec
         bounds = torch.tensor(self.cfg.matryoshka, device=vals.device)
         group = torch.bucketize(codes.cols, bounds, right=True)  # prefix g holds latents below matryoshka[g]
         out, partial = [], 0
@@ -863,17 +1057,19 @@ class TopKSAE(TrainingSAE):
         return out
 
     def loss(self, x, dead, sparsity_warmup, row_grads=None):
-        xs = x * self.input_scale if self.cfg.normalize else x  # (no copy when the scale is 1)
+        xs, target = self.split(x)
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(self.cfg.k_aux, dead_idx.numel())
         # which latents fire (no gradient flows through the choice), then their values with sparse gradients
         codes, pre_vals, aux_codes, aux_pre = self.select(xs, dead_idx, k_aux)
-        vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, codes, pre_vals, row_grads))
-        errs = self.errors(codes, vals, xs, row_grads)
+        vals = F.relu(sparse.gather(xs, self.enc_shift(), self.W_enc, self.b_enc, codes, pre_vals, row_grads))
+        errs = self.errors(codes, vals, target, row_grads)
         e = errs[-1].detach()  # x - x_hat; read only in this forward (the backward overwrites it)
         aux = x.new_zeros(())
         if k_aux:  # AuxK
-            aux_vals = F.relu(sparse.gather(xs, self.b_dec, self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads))
+            aux_vals = F.relu(
+                sparse.gather(xs, self.enc_shift(), self.W_enc, self.b_enc, aux_codes, aux_pre, row_grads)
+            )
             e_hat = sparse.decode(aux_codes, aux_vals, self.W_dec, row_grads)
             m = torch.cat([e.sum(0), e.pow(2).sum().view(1), e.new_tensor([len(e)])])
             if self.world > 1:  # |e - mean e|^2 over the global batch: ranks average to the one-process loss
@@ -897,8 +1093,8 @@ class BatchTopKSAE(TopKSAE):
 
     inference_architecture = "jumprelu"
 
-    def __init__(self, cfg, d_in):
-        super().__init__(cfg, d_in)
+    def __init__(self, cfg, d_in, d_out=0):
+        super().__init__(cfg, d_in, d_out)
         self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("threshold_updates", torch.tensor(0))
         self.cutoff_hint: float | None = None  # speeds up select; not state (nothing computed depends on it)
@@ -910,7 +1106,7 @@ class BatchTopKSAE(TopKSAE):
         return pre * keep.view_as(pre)
 
     def select(self, xs, dead_idx, k_aux):
-        W, b = self.W_enc.detach(), self.b_enc.detach() - self.b_dec.detach() @ self.W_enc.detach()
+        W, b = self.W_enc.detach(), self.enc_bias()
         n = self.cfg.k * xs.shape[0] * self.world  # B*k over the global batch
         gather = self.world_gather if self.world > 1 else None
         flat, pre_vals, aux_vals, aux_idx, cutoff = sparse.batch_topk_select(
@@ -1033,8 +1229,8 @@ class JumpReLUSAE(TrainingSAE):
     inference_architecture = "jumprelu"
     defaults = {"sparsity_coeff": 1.0, "resample": True, "grad_clip": 0.0, "beta1": 0.0, "normalize": True}
 
-    def __init__(self, cfg, d_in):
-        super().__init__(cfg, d_in)
+    def __init__(self, cfg, d_in, d_out=0):
+        super().__init__(cfg, d_in, d_out)
         self.threshold = nn.Parameter(
             torch.full((self.d_sae,), 0.1 if self.cfg.init_threshold is None else self.cfg.init_threshold)
         )
@@ -1043,7 +1239,7 @@ class JumpReLUSAE(TrainingSAE):
     def init_from_sample(self, x):
         super().init_from_sample(x)
         if self.cfg.init_threshold is None and self.cfg.target_l0:  # θ where the initial encoder fires target_l0
-            z = self.pre_acts(x * self.input_scale).flatten()
+            z = self.pre_acts(self.split(x)[0]).flatten()
             self.threshold.fill_(z.topk(max(1, round(self.cfg.target_l0 * len(x)))).values[-1].clamp_min(0).item())
 
     def latent_params(self):
@@ -1059,10 +1255,10 @@ class JumpReLUSAE(TrainingSAE):
         self.threshold.clamp_(min=0.0)
 
     def loss(self, x, dead, sparsity_warmup, row_grads=None):
-        xs = x * self.input_scale
+        xs, target = self.split(x)
         z = self.pre_acts(xs)
         f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)
-        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        err = (f @ self.W_dec + self.b_dec - target).pow(2).sum(-1)
         l0 = _Step.apply(z, self.threshold, self.cfg.bandwidth).sum(-1)
         loss = (err + sparsity_warmup * self.sparsity_coeff * l0).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), l0.mean())
@@ -1092,10 +1288,10 @@ class CrosscoderSAE(BatchTopKSAE):
 
     unit_norm = False
 
-    def __init__(self, cfg, d_in):
+    def __init__(self, cfg, d_in, d_out=0):
         if d_in % 2:
             raise NanosaeError(f"a crosscoder reads two models' activations side by side; d_in {d_in} is odd")
-        super().__init__(cfg, d_in)
+        super().__init__(cfg, d_in, d_out)
         self._min_score = torch.tensor(math.inf)
 
     def _weight(self) -> torch.Tensor:
@@ -1144,10 +1340,10 @@ class CrosscoderL1SAE(AprilSAE):
     Shrinkage) and split one concept into two model-specific latents (Latent Decoupling); Latent Scaling
     (nanosae.diff) flags such latents."""
 
-    def __init__(self, cfg, d_in):
+    def __init__(self, cfg, d_in, d_out=0):
         if d_in % 2:
             raise NanosaeError(f"a crosscoder reads two models' activations side by side; d_in {d_in} is odd")
-        super().__init__(cfg, d_in)
+        super().__init__(cfg, d_in, d_out)
 
     def penalty(self, f):
         return f @ crosscoder_norms(self.W_dec).sum(1)
@@ -1205,11 +1401,12 @@ def recipe_of(sae: SAE) -> SAETrainConfig:
     arch = {"topk": "topk", "jumprelu": "jumprelu", "standard": "standard", "gated": "gated"}.get(sae.cfg.architecture)
     if arch is None:
         raise NanosaeError(f"a {sae.cfg.architecture} SAE cannot be fine-tuned (nanosae trains no such architecture)")
-    return SAETrainConfig(arch=arch, d_sae=sae.cfg.d_sae, k=sae.cfg.k or 32)
+    kind = ("skip_transcoder" if sae.cfg.skip else "transcoder") if sae.cfg.transcoder else "sae"
+    return SAETrainConfig(arch=arch, kind=kind, d_sae=sae.cfg.d_sae, k=sae.cfg.k or 32)
 
 
-def training_sae(cfg: SAETrainConfig, d_in: int) -> TrainingSAE:
+def training_sae(cfg: SAETrainConfig, d_in: int, d_out: int = 0) -> TrainingSAE:
     """A freshly initialised training SAE (draws from torch's global RNG: seed it first)."""
     if cfg.arch not in TRAINING_CLASSES:
         raise NanosaeError(f"unknown training architecture {cfg.arch!r}; choose one of {', '.join(TRAINING_CLASSES)}")
-    return TRAINING_CLASSES[cfg.arch](cfg, d_in)
+    return TRAINING_CLASSES[cfg.arch](cfg, d_in, d_out)

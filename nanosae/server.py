@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from .chat import TextStream
 from .errors import NanosaeError
 from .gpt import GPT
-from .hooks import sae_site
+from .hooks import where
 from .runtime import Steer, Tracker, generate_tracked, logit_effects, residual_directions
 from .sae import SAE
 from .tokenizer import Tokenizer
@@ -200,7 +200,7 @@ class ServedModel:
         top_k: int = 50,
         max_tokens: int = 512,
     ):
-        self.site = sae_site(model, sae)
+        self.site = where(model, sae)
         self.model, self.tok, self.sae = model, tokenizer, sae
         self.units, self.labels = units, labels or {}
         self.dashboard = Path(dashboard) if dashboard else None

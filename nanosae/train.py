@@ -13,7 +13,9 @@ An activation stream is an iterator of float32 (batch_size // world_size, d_in) 
 site, model_name, context_size, dataset and a `state()` dict from which an equal stream continues exactly
 (nanosae.activations.model_stream / cache_stream). A run with several sites (TrainConfig.sites) reads a stream of
 dicts {site: batch} (the same tokens at every site, from one forward) with a `widths` dict {site: d_in}, and trains
-every SAE recipe at every site; each learner reads the batch of its own site (Trainer.input). Under torchrun with
+every SAE recipe at every site; each learner reads the batch of its own site (Trainer.input). A transcoder run
+(TrainConfig.targets {site: target site}) reads rows [input | target] side by side, and the stream's target_widths
+says where they split. Under torchrun with
 distribute_sites, each rank owns the dictionaries of some sites (nanosae.activations.ranks_sites), its stream gives
 whole global batches of those sites, and it steps only those, with no gradient all-reduce; each rank keeps its own
 checkpoint (checkpoint-r<rank>.pt).
@@ -74,6 +76,7 @@ class TrainConfig:
     generation: str | None = None
     site: str = ""
     sites: list[str] = field(default_factory=list)  # several sites: every SAE recipe at each, from one stream
+    targets: dict[str, str] = field(default_factory=dict)  # transcoders: the site each input site's predicts
     distribute_sites: bool = False  # under torchrun: each rank trains the dictionaries of its share of the sites
     max_memory: float | None = None  # GB the run may use; refused before it starts when the estimate is above
     data: str | None = None
@@ -322,9 +325,16 @@ class Trainer:
     share of it; with several sites a dict {site: batch}); `state_dict()` is what a checkpoint holds. Draws its
     initial weights from cfg.seed (with several sites, each site's from cfg.seed and the site, so that a rank
     owning some sites builds the same dictionaries as one process building them all). d_in: the input width, or
-    {site: width} with several sites; owned: the sites whose dictionaries this process trains (default: all)."""
+    {site: width} with several sites; owned: the sites whose dictionaries this process trains (default: all); d_out:
+    the target width of transcoders (as d_in: one number, or {site: width}; 0: SAEs)."""
 
-    def __init__(self, cfg: TrainConfig, d_in: int | dict[str, int], owned: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        d_in: int | dict[str, int],
+        owned: list[str] | None = None,
+        d_out: int | dict[str, int] = 0,
+    ):
         self.cfg, self.d_in = cfg, d_in
         self.rank, self.world = dist_info()
         # the ranks that share each batch and average gradients: none when each rank owns its sites' dictionaries
@@ -345,8 +355,9 @@ class Trainer:
             if site:
                 torch.manual_seed(_site_seed(cfg.seed, site))
             width = d_in[site] if isinstance(d_in, dict) else d_in
+            out = d_out.get(site, 0) if isinstance(d_out, dict) else d_out
             for s in cfg.saes:
-                sae = training_sae(s, width).to(device)
+                sae = training_sae(s, width, out).to(device)
                 self.learners.append(_Learner(sae, self.dead_tokens, cfg.density_tokens, self.replicas, site))
         names = [learner.name for learner in self.learners]
         if len(set(names)) != len(names):
@@ -389,7 +400,8 @@ class Trainer:
             out.loss.backward()
             outs.append(out)
             row_grads.append(grads)
-        inputs = {learner.site: self.input(learner, batch) for learner in self.learners}
+        # the FVU's reference: what each site's dictionaries reconstruct (a transcoder's target columns)
+        inputs = {learner.site: learner.sae.target(self.input(learner, batch)) for learner in self.learners}
         stop, n, var, results = _global_stats(outs, inputs, stop, self.replicas)
         if self.replicas > 1:
             for learner in self.learners:
@@ -615,14 +627,20 @@ def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, worl
         raise NanosaeError(
             f"a run at sites {cfg.sites} needs a stream of those sites: model_stream(model, tok, sites, …)"
         )
-    if ckpt is not None and not cfg.sites and ckpt["saes"][0]["sae"]["W_dec"].shape[1] != stream.d_in:
+    if cfg.targets and getattr(stream, "targets", None) != cfg.targets:
         raise NanosaeError(
-            f"the activations are {stream.d_in}-wide but the checkpoint's SAEs read "
-            f"{ckpt['saes'][0]['sae']['W_dec'].shape[1]}; resume with the model site or cache the run started with"
+            f"a transcoder run needs a stream of its sites and targets {cfg.targets}: model_stream(…, targets=…)"
+        )
+    d_in, d_out = _split_widths(stream, widths)
+    saved_in = ckpt["saes"][0]["sae"]["W_enc"].shape[0] if ckpt is not None else None
+    if ckpt is not None and not cfg.sites and saved_in != d_in:
+        raise NanosaeError(
+            f"the activations are {d_in}-wide but the checkpoint's SAEs read {saved_in}; resume with the model "
+            "site or cache the run started with"
         )
     owned = _owned(cfg, world, rank) if cfg.distribute_sites else None
-    _check_memory(cfg, stream, widths or {"": stream.d_in}, owned, rank)
-    trainer = Trainer(cfg, widths or stream.d_in, owned)
+    _check_memory(cfg, stream, widths or {"": stream.d_in}, owned, rank, d_out)
+    trainer = Trainer(cfg, d_in, owned, d_out)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         if rank == 0:
@@ -633,6 +651,15 @@ def _start(cfg: TrainConfig, stream_fn, resume: bool, out: Path, rank: int, worl
     if cfg.init_from:
         _init_from(trainer, cfg, stream)
     return trainer, stream, first
+
+
+def _split_widths(stream, widths: dict[str, int] | None) -> tuple[int | dict[str, int], int | dict[str, int]]:
+    """(input width, target width) of the stream's rows, per site with several sites (a target's: 0 for SAEs)."""
+    outs = getattr(stream, "target_widths", {})
+    if widths:
+        return {s: w - outs.get(s, 0) for s, w in widths.items()}, {s: outs.get(s, 0) for s in widths}
+    d_out = outs.get(getattr(stream, "site", ""), 0)
+    return stream.d_in - d_out, d_out
 
 
 def _init_from(trainer: Trainer, cfg: TrainConfig, stream) -> None:
@@ -650,29 +677,30 @@ def _init_from(trainer: Trainer, cfg: TrainConfig, stream) -> None:
             f"{where} reads {sae.cfg.hook_name} but this run trains on {site}; leave out --layer/--site (the run "
             "then takes the SAE's site) or start from an SAE trained at that site"
         )
-    if sae.cfg.d_in != stream.d_in:
+    if sae.cfg.d_in + sae.cfg.d_out != stream.d_in:
         raise NanosaeError(
             f"{where} reads {sae.cfg.d_in}-wide activations but the stream is {stream.d_in} wide; fine-tune it on "
-            "a checkpoint of the model size it was trained on"
+            "a checkpoint of the model size it was trained on (and a transcoder on its --target)"
         )
     trainer.learners[0].sae.load_inference(sae)
 
 
 def memory_estimate(
     cfg: TrainConfig, widths: dict[str, int], model: torch.nn.Module | None = None, buffer_bytes: int = 0,
-    owned: list[str] | None = None, replicas: int = 1,
+    owned: list[str] | None = None, replicas: int = 1, d_out: int | dict[str, int] = 0,
 ) -> dict[str, int]:  # fmt: skip
     """The bytes a run (this process's share) holds at its peak, by part: the model's weights, each dictionary's
     weights with their gradients and Adam's two moments (fp32), the stream's shuffle buffer, and a few batches
     (this rank's rows at every site, a copy of each, and the widest dictionary's pre-activations, latents and their
-    gradient). widths: {site: d_in} ({"": d_in} for one site)."""
+    gradient). widths: {site: row width} ({"": width} for one site); d_out: transcoders' target widths (as Trainer's)."""
     dictionaries, widest = 0, 0
     for site, d_in in widths.items():
         if owned is not None and site not in owned:
             continue
+        out = d_out.get(site, 0) if isinstance(d_out, dict) else d_out
         for s in cfg.saes:
             with torch.device("meta"):  # shapes only: nothing is allocated
-                sae = training_sae(s, d_in)
+                sae = training_sae(s, d_in - out, out)
             dictionaries += 4 * 4 * sum(p.numel() for p in sae.parameters())
             widest = max(widest, sae.d_sae)
     rows = cfg.batch_size // replicas
@@ -685,14 +713,16 @@ def memory_estimate(
     }
 
 
-def _check_memory(cfg: TrainConfig, stream, widths: dict[str, int], owned: list[str] | None, rank: int) -> None:
+def _check_memory(
+    cfg: TrainConfig, stream, widths: dict[str, int], owned: list[str] | None, rank: int, d_out: int | dict = 0
+) -> None:
     """Before anything is allocated: a run at several sites states its memory estimate, and a run whose estimate
     exceeds max_memory is refused."""
     if not cfg.sites and not cfg.max_memory:
         return
     parts = memory_estimate(
         cfg, widths, getattr(stream, "model", None), getattr(stream, "buffer_bytes", 0), owned,
-        1 if cfg.distribute_sites else dist_info()[1],
+        1 if cfg.distribute_sites else dist_info()[1], d_out,
     )  # fmt: skip
     total = sum(parts.values())
     shown = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in parts.items())
@@ -724,7 +754,9 @@ def _folder(trainer: Trainer, out: Path, learner: _Learner) -> Path:
 def _finish(trainer: Trainer, out: Path, meta: dict, eval_fn, log) -> list[SAE]:
     """The inference SAEs; rank 0 (with distribute_sites, each rank for its own) also runs the final eval and
     saves them."""
-    saes = [learner.sae.to_inference(**_learner_meta(meta, learner)) for learner in trainer.learners]
+    saes = [
+        learner.sae.to_inference(**_learner_meta(meta, learner, trainer.cfg.targets)) for learner in trainer.learners
+    ]
     if trainer.rank == 0 or trainer.cfg.distribute_sites:
         if eval_fn is not None:
             _evaluate(trainer, eval_fn, meta, log)
@@ -750,8 +782,10 @@ def _next_batch(stream, cfg: TrainConfig, replicas: int) -> torch.Tensor | dict[
 def _meta(stream, cfg: TrainConfig) -> dict:
     """The inference config fields that come from the data (and the run settings, for the record)."""
     run = {k: v for k, v in cfg.to_dict().items() if k != "saes"}
+    site = getattr(stream, "site", "") or ""
     return {
-        "hook_name": getattr(stream, "site", "") or "",
+        "hook_name": site,
+        "hook_name_out": cfg.targets.get(site, ""),
         "model_name": getattr(stream, "model_name", "") or "",
         "context_size": getattr(stream, "context_size", 0) or 0,
         "dataset_path": str(getattr(stream, "dataset", "") or ""),
@@ -759,8 +793,12 @@ def _meta(stream, cfg: TrainConfig) -> dict:
     }
 
 
-def _learner_meta(meta: dict, learner: _Learner) -> dict:
-    return {**meta, "hook_name": learner.site} if learner.site else dict(meta)
+def _learner_meta(meta: dict, learner: _Learner, targets: dict[str, str]) -> dict:
+    return (
+        {**meta, "hook_name": learner.site, "hook_name_out": targets.get(learner.site, "")}
+        if learner.site
+        else dict(meta)
+    )
 
 
 def _write_lines(trainer: Trainer, lines: list[dict], log) -> list[dict]:
@@ -793,7 +831,7 @@ def _log(trainer: Trainer, tok_s: float, log, bar) -> None:
 def _evaluate(trainer: Trainer, eval_fn, meta: dict, log) -> None:
     lines = []
     for learner in trainer.learners:
-        result = eval_fn(learner.sae.to_inference(**_learner_meta(meta, learner)))
+        result = eval_fn(learner.sae.to_inference(**_learner_meta(meta, learner, trainer.cfg.targets)))
         lines.append({"step": trainer.step_count, "sae": learner.name, **{f"eval/{k}": v for k, v in result.items()}})
     _write_lines(trainer, lines, log)
 

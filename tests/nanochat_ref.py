@@ -137,7 +137,8 @@ def forward(
         y = attention(q, k, v, windows[i]).reshape(B, T, C)
         a = site(f"blocks.{i}.attn_out", y @ w[p + "attn.c_proj.weight"].T)
         x = site(f"blocks.{i}.resid_mid", x + a)
-        hid = site(f"blocks.{i}.mlp_hidden", torch.relu(rms(x) @ w[p + "mlp.c_fc.weight"].T) ** 2)
+        u = site(f"blocks.{i}.mlp_in", rms(x))
+        hid = site(f"blocks.{i}.mlp_hidden", torch.relu(u @ w[p + "mlp.c_fc.weight"].T) ** 2)
         m = site(f"blocks.{i}.mlp_out", hid @ w[p + "mlp.c_proj.weight"].T)
         x = site(f"blocks.{i}.resid_post", x + m)
         if era["smear"] and i == L // 2:

@@ -350,8 +350,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_sae(tmp_path / "c")
     good.save(tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
-    (tmp_path / "d" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "skip_transcoder"}))
-    with pytest.raises(NanosaeError, match="'skip_transcoder' is not supported"):
+    (tmp_path / "d" / "cfg.json").write_text(json.dumps({**cfg, "architecture": "matching_pursuit"}))
+    with pytest.raises(NanosaeError, match="'matching_pursuit' is not supported"):
         load_sae(tmp_path / "d")
     (tmp_path / "d" / "cfg.json").write_text(json.dumps({**cfg, "d_in": 5}))  # d_in does not match the weights
     with pytest.raises(NanosaeError, match="has shape"):

@@ -434,7 +434,7 @@ def test_resampling_reinitialises_dead_latents_and_their_adam_state():
 def test_cli_flags_mirror_the_configs():
     args = build_parser().parse_args(["train", "--out", "x"])
     dests = set(vars(args))
-    renamed = {"model_step": "step", "saes": "arch", "sites": "layers"}
+    renamed = {"model_step": "step", "saes": "arch", "sites": "layers", "kind": "arch", "targets": "target"}
     for cls, skip in ((SAETrainConfig, {"name"}), (TrainConfig, set())):
         for f in cls.__dataclass_fields__:
             if f not in skip:
