@@ -536,11 +536,13 @@ def cmd_evolve(args) -> None:
 def _chain_config(args):
     """evolve --chain: the TrainConfig of the chain's first SAE (the SAE flags, or --sae's recipe to go on from)."""
     from .checkpoint import read_meta, resolve
-    from .sae import SAETrainConfig, load_sae, recipe_of
+    from .hooks import check_target, parse_site
+    from .sae import SAETrainConfig, load_sae, recipe_of, split_arch
     from .train import TrainConfig
 
     init = load_sae(args.sae) if args.sae else None
-    recipe = recipe_of(init) if init else _from_flags(SAETrainConfig, args, name="")
+    arch, kind = split_arch(args.arch)
+    recipe = recipe_of(init) if init else _from_flags(SAETrainConfig, args, name="", arch=arch, kind=kind)
     if args.layer is not None:
         site = _site(args)
     elif init is not None:
@@ -549,11 +551,16 @@ def _chain_config(args):
         n_layer = read_meta(resolve(args.model, phase=args.phases[0]).meta)["model_config"]["n_layer"]
         args.layer = n_layer // 2
         site = _site(args)
+    target = init.cfg.hook_name_out if init is not None else ""
+    if recipe.kind != "sae" and not target:  # a transcoder chain predicts the MLP output of its block
+        target = f"blocks.{parse_site(site)[0]}.mlp_out"
+        check_target(site, target)
     return TrainConfig(
         saes=[recipe],
         tokens=args.train_tokens,
         batch_size=args.train_batch_size,
         site=site,
+        targets={site: target} if target else {},
         data=None if args.data == "builtin" else args.data,
         tokenizer=args.tokenizer,
         device=args.device,

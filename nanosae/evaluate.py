@@ -560,11 +560,14 @@ def save_result(result: dict, path: str | Path) -> tuple[Path, Path]:
     atomic_write_json(path, _nan_to_neg1(result))
     cfg = result["sae_cfg_dict"]
     tokens = result["eval_result_metrics"]["token_stats"]["unmasked_tokens_eval_sparsity_variance"]
-    title = (
-        f"{result['eval_result_unstructured']['site']} · {cfg['architecture']} d_sae {cfg['d_sae']} · {tokens:,} tokens"
-    )
+    title = f"{_where(result)} · {cfg['architecture']} d_sae {cfg['d_sae']} · {tokens:,} tokens"
     png = save_density_histogram(densities(result), path.with_name(f"{path.stem}_density.png"), title)
     return path, png
+
+
+def _where(result: dict) -> str:
+    u = result["eval_result_unstructured"]
+    return f"{u['site']} -> {u['site_out']}" if u.get("site_out") else u["site"]
 
 
 def format_table(result: dict) -> str:
@@ -577,7 +580,7 @@ def format_table(result: dict) -> str:
     k = f" k {cfg['k']}" if cfg.get("k") else ""
     ev = "SAEBench formula" if c["saebench_compat"] else "centered"
     lines = [
-        f"{result['eval_result_unstructured']['site']} of {c['model_name']} · {cfg['architecture']} "
+        f"{_where(result)} of {c['model_name']} · {cfg['architecture']} "
         f"d_sae {cfg['d_sae']:,}{k} · {ts['total_tokens_eval_sparsity_variance']:,} tokens "
         f"({ts['unmasked_tokens_eval_sparsity_variance']:,} unmasked), "
         f"{ts['total_tokens_eval_reconstruction']:,} for CE/KL",

@@ -609,7 +609,7 @@ def _chain_configs(
             buffer = min(1 << 18, max(tc.tokens, tc.batch_size, seq_len))
             return model_stream(
                 model, tok, tc.site, tc.data, tc.batch_size, seq_len=seq_len, seed=tc.seed, state=state,
-                buffer_tokens=buffer,
+                buffer_tokens=buffer, targets=tc.targets,
             )  # fmt: skip
 
         configs.append(tc)

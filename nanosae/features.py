@@ -600,7 +600,7 @@ class FeatureStats:
         alive = d[d > 0]
         med = float(np.median(alive)) if len(alive) else 0.0
         return (
-            f"{self.d_sae} latents over {self.meta['n_tokens']:,} tokens at {self.meta['site']}: {dead} never fired, "
+            f"{self.d_sae} latents over {self.meta['n_tokens']:,} tokens at {self.meta['site']}{' -> ' + self.meta['site_out'] if 'site_out' in self.meta else ''}: {dead} never fired, "
             f"median density {med:.2e}, densest {float(d.max()):.2%}"
         )
 

@@ -24,7 +24,7 @@ SAE, MODEL = ["--sae", "s"], ["--model", "m"]
 @pytest.mark.parametrize(
     "argv, unknown, hint",
     [
-        (["train", "--out", "o", "--target", "blocks.1.mlp_out"], "--target blocks.1.mlp_out", "--target-l0"),
+        (["train", "--out", "o", "--target-l", "5"], "--target-l 5", "--target-l0"),
         (["train", "--out", "o", "--expans", "4"], "--expans 4", "--expansion"),
         (["train", "--out", "o", "--dead-tok=5"], "--dead-tok=5", "--dead-tokens"),
         (["collect", *MODEL, "--tokens", "1k", "--out", "o", "--shard", "8k"], "--shard 8k", "--shard-tokens"),

@@ -6,11 +6,32 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 from nanosae.activations import collect
 from nanosae.sae import load_sae
+
+
+def one_and_two_ranks(tmp_path, args: list[str], names: list[str]) -> str:
+    """Run `nanosae *args` in one process (into tmp_path/one) and on two gloo ranks (tmp_path/two), check that the
+    SAEs `names` agree, and return the two-rank run's stdout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "nanosae", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanosae", *args,
+         "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in names:
+        a, b = load_sae(tmp_path / "one" / name), load_sae(tmp_path / "two" / name)
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(va, vb, rtol=1e-4, atol=1e-5 * va.abs().max().item()), (name, k)
+    return two.stdout
 
 
 def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
@@ -19,26 +40,8 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
     args = ["train", "--activations", str(tmp_path / "cache"), "--arch", "topk,standard,batchtopk", "--k", "8",
             "--expansion", "4", "--sparsity-coeff", "0.3", "--no-resample", "--tokens", "8192", "--batch-size", "512",
             "--dead-tokens", "512", "--log-every", "4"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "nanosae", *args, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanosae", *args,
-         "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "trained 3 SAE(s) on 8,192 tokens" in two.stdout  # printed once, by rank 0
-
-    for name in ("topk_k8_x4", "standard_l0.3_x4", "batchtopk_k8_x4"):
-        a, b = load_sae(tmp_path / "one" / name), load_sae(tmp_path / "two" / name)
-        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.allclose(va, vb, rtol=1e-4, atol=1e-5 * va.abs().max().item()), (name, k)
+    out = one_and_two_ranks(tmp_path, args, ["topk_k8_x4", "standard_l0.3_x4", "batchtopk_k8_x4"])
+    assert "trained 3 SAE(s) on 8,192 tokens" in out  # printed once, by rank 0
 
     def log(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -48,3 +51,15 @@ def test_two_gloo_ranks_train_the_same_weights_as_one_process(tmp_path, d4):
     assert any(x["aux"] > 0 for x in la if x["sae"] == "topk_k8_x4")  # AuxK ran (dead latents), on both
     for x, y in zip(la, lb):
         assert x["sae"] == y["sae"] and abs(x["fvu"] - y["fvu"]) < 1e-4 and abs(x["aux"] - y["aux"]) < 1e-4
+
+
+def test_two_gloo_ranks_train_the_transcoders_one_process_trains(tmp_path):
+    """DDP from the model: each rank forwards half the rows of a fill, both see the same global batches of
+    [mlp_in | mlp_out] rows, and the transcoders (BatchTopK's global selection, the skip's dense gradient included)
+    agree with one process's."""
+    model = Path(__file__).parent / "fixtures" / "nanochat-d4" / "base_dir"
+    args = ["train", "--model", str(model), "--layer", "1", "--site", "mlp_in", "--seq-len", "64", "--arch",
+            "transcoder,skip_transcoder", "--k", "8", "--expansion", "2", "--tokens", "4096", "--batch-size", "512",
+            "--log-every", "4"]  # fmt: skip
+    one_and_two_ranks(tmp_path, args, ["batchtopk_transcoder_k8_x2", "batchtopk_skip_transcoder_k8_x2"])
+    assert load_sae(tmp_path / "two" / "batchtopk_skip_transcoder_k8_x2").cfg.hook_name_out == "blocks.1.mlp_out"
