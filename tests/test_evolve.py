@@ -213,3 +213,33 @@ def test_dashboard_header_links_registered_pages_as_text(d4, browser, tmp_path):
     assert link.inner_text() == title and link.get_attribute("href") == "../ev/index.html"
     assert page.evaluate("window.__pwned") is None and errors == []
     page.close()
+
+
+def test_evolve_follows_a_transcoder_and_chains_them(series_dir, tmp_path):
+    """One transcoder over the series is spliced in place of block 2's MLP at each checkpoint (the last one's
+    metrics are `evaluate`'s); a chain of transcoders keeps reading mlp_in and predicting mlp_out."""
+    from nanosae.cli import main
+    from nanosae.sae import SAE, SAEConfig, load_sae
+
+    tc = SAE(SAEConfig("standard", 128, 64, d_out=128, hook_name="blocks.2.mlp_in", hook_name_out="blocks.2.mlp_out"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    summary, _, rows = run_series(series(str(series_dir), "100,400"), lambda i: tc, tmp_path / "one", CFG)
+    model, tok, _ = load_model(series_dir, 400)
+    m = evaluate(tc, model, tok, rows, rows.numel(), ce_tokens=512, batch_size=4, progress=False)["eval_result_metrics"]
+    last = summary["checkpoints"][-1]
+    assert last["explained_variance"] == pytest.approx(m["reconstruction_quality"]["explained_variance"], abs=1e-6)
+    assert last["ce_loss_score"] == pytest.approx(m["model_performance_preservation"]["ce_loss_score"], abs=1e-6)
+
+    args = ["evolve", "--chain", "--model", str(series_dir), "--steps", "100,400", "--out", str(tmp_path / "chain"),
+            "--layer", "2", "--site", "mlp_in", "--arch", "transcoder", "--train-tokens", "4k", "--chain-tokens", "2k",
+            "--train-batch-size", "1024", "--expansion", "2", "--k", "8", "--tokens", "1024", "--batch-size", "4",
+            "--context-size", "64"]  # fmt: skip
+    assert main(args) == 0
+    chain = json.loads((tmp_path / "chain" / "evolve.json").read_text())["chain"]
+    saes = [load_sae(f) for f in chain["folders"]]
+    assert [(s.cfg.hook_name, s.cfg.hook_name_out, s.cfg.d_out) for s in saes] == [
+        ("blocks.2.mlp_in", "blocks.2.mlp_out", 128)
+    ] * 2
