@@ -9,13 +9,14 @@ offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam
 its loss's dense definition (the TopK family's reference_loss: dense (batch x d_sae) latents times the decoder; the
 others' dense_loss), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised.
 --start picks where jumprelu, gated and standard start (comma-separated, a row each): `init`, the fresh SAE, whose
-latents are dense (about half fire), or `sparse`, the same SAE with the encoder bias (gated: the gate's bias) set to
--q for every latent, JumpReLU's threshold to q (its bias 0), q being the value that K of a token's d_sae
-pre-activations exceed on average on the first batch: the sparsity training brings them to. (Their sparse path
-also reads JumpReLU's entries in the straight-through band below the threshold, which that state has many of.) Every implementation
-trains on the same batches in the same order, one step each per cycle (alternating the order) so that the drift
-of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times the encoder matmul alone,
-which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k held-out tokens after the
+latents are dense (about half fire: nanosae takes its dense path), or `sparse`, the same SAE with one encoder bias
+-q for every latent (gated: the gate's bias; JumpReLU: threshold q, bias 0), q the value that K of a token's d_sae
+pre-activations exceed on average on the first batch: the sparsity that training brings them to. JumpReLU's sparse
+path also reads the entries in the straight-through band below the threshold (the `codes` column). --sweep times
+nanosae's sparse path against its dense one from sparse starts of L0 16 to 1024 (the density cut-off's measure).
+Every implementation trains on the same batches in the same order, one step each per cycle (alternating the
+order) so that the drift of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times
+the encoder matmul alone, which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k held-out tokens after the
 same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among the architectures, peak
 memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a fixed malloc mmap
 threshold, so freed tensors leave it) and the peak of the live tensors created by the steps, against the budget
@@ -26,6 +27,7 @@ first architecture.
     python bench/train_throughput.py --quick                # 8 steps, ~1 min
     python bench/train_throughput.py --quick --arch topk,batchtopk,matryoshka,jumprelu,gated,standard
     python bench/train_throughput.py --arch topk,jumprelu,gated,standard --start init,sparse
+    python bench/train_throughput.py --arch standard,gated,jumprelu --sweep --steps 4   # where the sparse path pays
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nanosae import sae as sae_module
 from nanosae.sae import GatedSAE, JumpReLUSAE, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
 from nanosae.train import TrainConfig, Trainer
 
@@ -90,11 +93,11 @@ def recipe(arch: str) -> SAETrainConfig:
 
 
 @torch.no_grad()
-def sparse_start(sae: TrainingSAE, x: torch.Tensor) -> None:
-    """The `sparse` start: one encoder bias (or JumpReLU threshold) q for every latent, so that K latents per token
+def sparse_start(sae: TrainingSAE, x: torch.Tensor, l0: int = K) -> None:
+    """The `sparse` start: one encoder bias (or JumpReLU threshold) q for every latent, so that l0 latents per token
     of x fire on average."""
     z = ((x * sae.input_scale - sae.b_dec) @ sae.W_enc).view(-1)
-    q = z.kthvalue(z.numel() - K * len(x)).values
+    q = z.kthvalue(z.numel() - l0 * len(x)).values
     if isinstance(sae, JumpReLUSAE):
         sae.b_enc.zero_()
         sae.threshold.fill_(q)
@@ -272,6 +275,32 @@ def measure_memory(impl: str, steps: int) -> tuple[float, float] | None:
         return None
 
 
+def density_sweep(archs: list[str], steps: int) -> None:
+    """For each architecture of the L1/L0 kind, from sparse starts of several L0s: nanosae's step on its sparse path
+    against its dense path (the definition, taken above the cut-off), alternating, on the same batches. Where the
+    ratio falls to 1 is the density the cut-off (nanosae.sae.SPARSE_MAX_DENSITY) must stay below."""
+    data = Synthetic()
+    batches = [data.sample(BATCH, 1000 + i) for i in range(steps + 1)]
+    for arch in (a for a in archs if ARCHS[a]["arch"] in ("jumprelu", "gated", "standard")):
+        for l0 in (16, 64, 256, 512, 1024):
+            runs = {}
+            for path, density in (("sparse", 1.0), ("dense", 0.0)):
+                trainer = nanosae_trainer(steps + 1, arch)
+                trainer.init(batches[0])
+                sparse_start(trainer.learners[0].sae, batches[0], l0)
+                runs[path] = (trainer, density, [])
+            for i, x in enumerate(batches):
+                for trainer, density, times in runs.values() if i % 2 else reversed(runs.values()):
+                    sae_module.SPARSE_MAX_DENSITY = density
+                    t = time.perf_counter()
+                    trainer.step(x)
+                    times.append(time.perf_counter() - t)
+            codes = codes_per_token(runs["sparse"][0].learners[0].sae, batches[0])
+            sparse, dense = (statistics.median(times[1:]) for _, _, times in runs.values())
+            print(f"{arch:9s} L0 {l0:5d}: {codes:5.0f} codes/token, density {codes / D_SAE:.3f}; step sparse "
+                  f"{sparse:.2f} s, dense {dense:.2f} s: dense / sparse {dense / sparse:.2f}")  # fmt: skip
+
+
 def print_table(rows, impls, times, cpu, floor, held_out) -> None:
     """One line per row (arch, start): tokens/s of both, their ratios, share of the floor, against nanosae TopK, the
     entries per token nanosae's sparse path reads, held-out FVU and L0 of both."""
@@ -306,6 +335,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--quick", action="store_true", help="8 timed steps and a 4k-token eval (~1 minute per arch)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sweep", action="store_true", help="jumprelu, gated, standard: sparse vs dense path by density")
     ap.add_argument("--memory-probe", choices=["nanosae", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -314,6 +344,8 @@ def main() -> None:
     archs, starts = args.arch.split(","), args.start.split(",")
     if unknown := [a for a in archs if a not in ARCHS]:
         ap.error(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    if args.sweep:
+        return density_sweep(archs, 8 if args.quick else args.steps)
     if unknown := [s for s in starts if s not in ("init", "sparse")]:
         ap.error(f"unknown --start {', '.join(unknown)}; choose from init, sparse")
     steps, warm = (8 if args.quick else args.steps), 2
