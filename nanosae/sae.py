@@ -668,7 +668,9 @@ class TrainingSAE(nn.Module):
         in `row_grads` instead of .grad when one is given (nanosae.sparse.RowGrads); a dense one leaves it empty."""
         raise NotImplementedError
 
-    def firing(self, xs: torch.Tensor, bias: torch.Tensor, cut: torch.Tensor | float):
+    def firing(
+        self, xs: torch.Tensor, bias: torch.Tensor, cut: torch.Tensor | float
+    ) -> tuple[sparse.Codes, torch.Tensor] | None:
         """The entries where (xs - b_dec) W_enc + bias > cut, as (codes, values), while they are few enough for the
         sparse path to be the faster (SPARSE_MAX_DENSITY); else None, and the caller takes its dense path. On a CPU
         only, where the cut-off was measured."""
