@@ -16,12 +16,12 @@ path also reads the entries in the straight-through band below the threshold (th
 nanosae's sparse path against its dense one from sparse starts of L0 16 to 1024 (the density cut-off's measure).
 Every implementation trains on the same batches in the same order, one step each per cycle (alternating the
 order) so that the drift of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times
-the encoder matmul alone, which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k held-out tokens after the
-same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among the architectures, peak
-memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a fixed malloc mmap
-threshold, so freed tensors leave it) and the peak of the live tensors created by the steps, against the budget
-weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / dense-loop tokens/s) of the
-first architecture.
+the encoder matmul alone, which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k
+held-out tokens after the same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among
+the architectures, peak memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a
+fixed malloc mmap threshold, so freed tensors leave it) and the peak of the live tensors created by the steps,
+against the budget weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / dense-loop
+tokens/s) of the first row.
 
     python bench/train_throughput.py                        # TopK, 32 steps (~3 min on 2 cores)
     python bench/train_throughput.py --quick                # 8 steps, ~1 min
@@ -117,9 +117,9 @@ def codes_per_token(sae: TrainingSAE, x: torch.Tensor) -> float:
 
 
 class DenseLoop:
-    """The plain reference: the architecture's loss written densely (the TopK family's TopKSAE.reference_loss; the
-    others' own loss, dense already), autograd, torch's Adam, the decoder's gradient projected and its rows
-    renormalised, JumpReLU's threshold kept >= 0."""
+    """The plain reference: the architecture's loss written densely (the TopK family's TopKSAE.reference_loss, the
+    others' dense_loss), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised,
+    JumpReLU's threshold kept >= 0."""
 
     def __init__(self, arch: str, first: torch.Tensor, start: str = "init"):
         torch.manual_seed(0)

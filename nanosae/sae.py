@@ -59,10 +59,11 @@ L0_GAIN = 1.0
 # token with more in the batch's top B*k is recomputed whole. The number balances the two costs (measured)
 CANDIDATES = 2
 HINT_MARGIN = 0.9
-# ReLU, Gated and JumpReLU SAEs train on their nonzero entries alone (sparse codes, as the TopK family) while those are
-# at most this share of batch x d_sae, and by the dense definition above it (early in training): the share where the
-# sparse step stops being the faster one (measured, bench/train_throughput.py)
-SPARSE_MAX_DENSITY = 0.05
+# ReLU, Gated and JumpReLU SAEs train on the entries with a value or a gradient alone (sparse codes, as the TopK family)
+# while those are at most this share of batch x d_sae, and by their dense definition above it (early in training).
+# The sparse step stopped being the faster at ~0.06 with two threads and above 0.12 with one on a 2-vCPU VM
+# (bench/train_throughput.py --sweep); more cores speed the matmuls more than the sparse kernels, so this sits below
+SPARSE_MAX_DENSITY = 0.04
 SAELENS_VERSION = "6.0.0"  # the on-disk format version we write (v6: LLM keys live under `metadata`)
 
 

@@ -306,9 +306,10 @@ def test_a_trainer_step_is_a_plain_adam_step(max_density, monkeypatch):
     """Every architecture's step is torch's Adam on the dense gradient (the decoder's projected, then the decoder
     renormalised) of its loss's dense definition (the TopK family's reference_loss, the others' dense_loss), so the
     sparse loss, its gradients and the block-by-block update from unevaluated gradients (main, AuxK and matryoshka
-    terms) are all checked, and so is the dense path the others take while their latents are dense. In float64: Adam's first steps divide a gradient by its own size, so float32 rounding in a
-    near-zero gradient would move a weight by a good part of the LR. Gradients reach the fused optimizer in their
-    parameter's memory layout; a mismatch makes torch 2.13's fused CPU Adam update the wrong elements, silently."""
+    terms) are all checked, and so is the dense path the others take while their latents are dense. In float64:
+    Adam's first steps divide a gradient by its own size, so float32 rounding in a near-zero gradient would move a
+    weight by a good part of the LR. Gradients reach the fused optimizer in their parameter's memory layout; a
+    mismatch makes torch 2.13's fused CPU Adam update the wrong elements, silently."""
     saes = [
         SAETrainConfig(arch=a, d_sae=600, k=4, lr=1e-3, sparsity_coeff=0.1, name=f"{a}{len(m)}", matryoshka=m)
         for a, m in (
