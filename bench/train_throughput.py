@@ -5,21 +5,29 @@ Setup: seeded synthetic activations from a sparse dictionary (4096 unit directio
 token Poisson(20) of them, clipped to [1, 64], drawn from p_i ∝ (i + 10)^-0.8, coefficients Exp(1) + 0.25; an
 offset of norm 2; N(0, 0.05^2) noise); d_sae 8192, k 32, batch 4096 tokens, Adam lr 2e-4 constant, fp32.
 --arch picks the architectures (comma-separated): topk, batchtopk, matryoshka (BatchTopK with prefixes 512 and
-2048; matryoshka_topk: TopK with them), jumprelu, gated, standard, each with its defaults. The dense loop of each is its loss written densely (the
-TopK family's reference_loss: dense (batch x d_sae) latents times the decoder; the others' own loss, which is
-dense), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised. Every implementation
-trains on the same batches in the same order, one step each per cycle (alternating the order) so that the drift
-of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times the encoder matmul alone,
-which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k held-out tokens after the
-same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among the architectures, peak
-memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a fixed malloc mmap
-threshold, so freed tensors leave it) and the peak of the live tensors created by the steps, against the budget
-weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / dense-loop tokens/s) of the
-first architecture.
+2048; matryoshka_topk: TopK with them), jumprelu, gated, standard, each with its defaults. The dense loop of each is
+its loss's dense definition (the TopK family's reference_loss: dense (batch x d_sae) latents times the decoder; the
+others' dense_loss), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised.
+--start picks where jumprelu, gated and standard start (comma-separated, a row each): `init`, the fresh SAE, whose
+latents are dense (about half fire: nanosae takes its dense path), or `sparse`, the same SAE with one encoder bias
+-q for every latent (gated: the gate's bias; JumpReLU: threshold q, bias 0), q the value that K of a token's d_sae
+pre-activations exceed on average on the first batch: the sparsity that training brings them to. JumpReLU's sparse
+path also reads the entries in the straight-through band below the threshold (the `codes` column). --sweep times
+nanosae's sparse path against its dense one from sparse starts of L0 16 to 1024 (the density cut-off's measure).
+Every implementation trains on the same batches in the same order, one step each per cycle (alternating the
+order) so that the drift of a shared machine hits all alike; the first 2 cycles are warm-up. Each cycle also times
+the encoder matmul alone, which is the floor: with TopK it is the only dense work. FVU and L0 are measured on 16k
+held-out tokens after the same steps (the training SAEs' own encode, a 4096-token batch at a time). With topk among
+the architectures, peak memory, in a fresh process per implementation over 4 steps: the growth of the RSS (with a
+fixed malloc mmap threshold, so freed tensors leave it) and the peak of the live tensors created by the steps,
+against the budget weights + Adam state + 2 batches. The last line is `ratio: R` (nanosae tokens/s / dense-loop
+tokens/s) of the first row.
 
     python bench/train_throughput.py                        # TopK, 32 steps (~3 min on 2 cores)
     python bench/train_throughput.py --quick                # 8 steps, ~1 min
     python bench/train_throughput.py --quick --arch topk,batchtopk,matryoshka,jumprelu,gated,standard
+    python bench/train_throughput.py --arch topk,jumprelu,gated,standard --start init,sparse
+    python bench/train_throughput.py --arch standard,gated,jumprelu --sweep --steps 4   # where the sparse path pays
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nanosae.sae import JumpReLUSAE, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
+from nanosae import sae as sae_module
+from nanosae.sae import GatedSAE, JumpReLUSAE, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
 from nanosae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, LR = 512, 8192, 32, 4096, 2e-4
@@ -83,16 +92,42 @@ def recipe(arch: str) -> SAETrainConfig:
     return SAETrainConfig(d_sae=D_SAE, k=K, lr=LR, **ARCHS[arch])
 
 
-class DenseLoop:
-    """The plain reference: the architecture's loss written densely (the TopK family's TopKSAE.reference_loss; the
-    others' own loss, dense already), autograd, torch's Adam, the decoder's gradient projected and its rows
-    renormalised, JumpReLU's threshold kept >= 0."""
+@torch.no_grad()
+def sparse_start(sae: TrainingSAE, x: torch.Tensor, l0: int = K) -> None:
+    """The `sparse` start: one encoder bias (or JumpReLU threshold) q for every latent, so that l0 latents per token
+    of x fire on average."""
+    z = ((x * sae.input_scale - sae.b_dec) @ sae.W_enc).view(-1)
+    q = z.kthvalue(z.numel() - l0 * len(x)).values
+    if isinstance(sae, JumpReLUSAE):
+        sae.b_enc.zero_()
+        sae.threshold.fill_(q)
+    else:
+        (sae.b_gate if isinstance(sae, GatedSAE) else sae.b_enc).fill_(-q)
 
-    def __init__(self, arch: str, first: torch.Tensor):
+
+@torch.no_grad()
+def codes_per_token(sae: TrainingSAE, x: torch.Tensor) -> float:
+    """The entries per token the sparse path of jumprelu, gated or standard reads on x (those its loss selects)."""
+    xs = x * sae.input_scale
+    if isinstance(sae, JumpReLUSAE):
+        return (sae.pre_acts(xs) > sae.band_floor()).sum().item() / len(x)
+    if isinstance(sae, GatedSAE):
+        return (sae._paths(xs)[0] > 0).sum().item() / len(x)
+    return (sae.pre_acts(xs) > 0).sum().item() / len(x)
+
+
+class DenseLoop:
+    """The plain reference: the architecture's loss written densely (the TopK family's TopKSAE.reference_loss, the
+    others' dense_loss), autograd, torch's Adam, the decoder's gradient projected and its rows renormalised,
+    JumpReLU's threshold kept >= 0."""
+
+    def __init__(self, arch: str, first: torch.Tensor, start: str = "init"):
         torch.manual_seed(0)
         self.sae = training_sae(recipe(arch), D_IN)
         self.sae.init_from_sample(first)
         self.sae.normalize_decoder()
+        if start == "sparse":
+            sparse_start(self.sae, first)
         c = self.sae.cfg
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=LR, betas=(c.beta1, 0.999))
         self.dead = torch.zeros(D_SAE, dtype=torch.bool)  # none die in these few steps (nanosae's dead_tokens: 10M)
@@ -102,7 +137,7 @@ class DenseLoop:
         if isinstance(sae, TopKSAE):
             loss = sae.reference_loss(x, self.dead)
         else:
-            loss = sae.loss(x, self.dead, 1.0).loss
+            loss = sae.dense_loss(x, self.dead, 1.0).loss
         loss.backward()
         sae.project_grads()
         if sae.cfg.grad_clip:
@@ -240,34 +275,96 @@ def measure_memory(impl: str, steps: int) -> tuple[float, float] | None:
         return None
 
 
+def density_sweep(archs: list[str], steps: int) -> None:
+    """For each architecture of the L1/L0 kind, from sparse starts of several L0s: nanosae's step on its sparse path
+    against its dense path (the definition, taken above the cut-off), alternating, on the same batches. Where the
+    ratio falls to 1 is the density the cut-off (nanosae.sae.SPARSE_MAX_DENSITY) must stay below."""
+    data = Synthetic()
+    batches = [data.sample(BATCH, 1000 + i) for i in range(steps + 1)]
+    for arch in (a for a in archs if ARCHS[a]["arch"] in ("jumprelu", "gated", "standard")):
+        for l0 in (16, 64, 256, 512, 1024):
+            runs = {}
+            for path, density in (("sparse", 1.0), ("dense", 0.0)):
+                trainer = nanosae_trainer(steps + 1, arch)
+                trainer.init(batches[0])
+                sparse_start(trainer.learners[0].sae, batches[0], l0)
+                runs[path] = (trainer, density, [])
+            for i, x in enumerate(batches):
+                for trainer, density, times in runs.values() if i % 2 else reversed(runs.values()):
+                    sae_module.SPARSE_MAX_DENSITY = density
+                    t = time.perf_counter()
+                    trainer.step(x)
+                    times.append(time.perf_counter() - t)
+            codes = codes_per_token(runs["sparse"][0].learners[0].sae, batches[0])
+            sparse, dense = (statistics.median(times[1:]) for _, _, times in runs.values())
+            print(f"{arch:9s} L0 {l0:5d}: {codes:5.0f} codes/token, density {codes / D_SAE:.3f}; step sparse "
+                  f"{sparse:.2f} s, dense {dense:.2f} s: dense / sparse {dense / sparse:.2f}")  # fmt: skip
+
+
+def print_table(rows, impls, times, cpu, floor, held_out) -> None:
+    """One line per row (arch, start): tokens/s of both, their ratios, share of the floor, against nanosae TopK, the
+    entries per token nanosae's sparse path reads, held-out FVU and L0 of both."""
+    print(f"{'arch':11s} {'start':6s} {'nanosae tok/s':>13s} {'dense tok/s':>11s} {'ratio':>6s} {'per-cycle':>9s} "
+          f"{'cpu':>5s} {'% floor':>7s} {'x topk':>6s} {'cpu':>5s} {'codes':>6s}  {'FVU nanosae / dense':>19s}  "
+          f"{'L0 nanosae / dense':>18s}")  # fmt: skip
+    tok = {key: BATCH * len(t) / sum(t) for key, t in times.items()}
+    topk = ("topk", "init", "nanosae")
+    for arch, start in rows:
+        ours, dense = (arch, start, "nanosae"), (arch, start, "dense")
+        per_cycle = statistics.median(d / o for o, d in zip(times[ours], times[dense]))
+        cpu_ratio = sum(cpu[dense]) / sum(cpu[ours])
+        vs_topk = "".join(
+            f" {statistics.median(t / o for o, t in zip(ts[ours], ts[topk])):5.2f}" if topk in ts else f" {'':5s}"
+            for ts in (times, cpu)
+        )  # fmt: skip
+        sae = impls[ours][1]
+        codes = K if isinstance(sae, TopKSAE) else codes_per_token(sae, held_out[:BATCH])
+        (f_ours, l_ours), (f_dense, l_dense) = fvu_l0(sae, held_out), fvu_l0(impls[dense][1], held_out)
+        print(f"{arch:11s} {start:6s} {tok[ours]:13,.0f} {tok[dense]:11,.0f} {tok[ours] / tok[dense]:6.2f} "
+              f"{per_cycle:9.2f} {cpu_ratio:5.2f} {100 * tok[ours] / floor:6.0f}% {vs_topk} {codes:6.0f}  "
+              f"{f_ours:9.4f} / {f_dense:.4f}  {l_ours:8.1f} / {l_dense:.1f}")  # fmt: skip
+    print("(ratio: nanosae tok/s / dense tok/s; per-cycle: median of dense / nanosae step time; cpu: the same ratio "
+          "in process CPU time; x topk: median per cycle of nanosae TopK step time / this step time, wall and CPU; "
+          "codes: entries per token nanosae's sparse path reads, at the end, k for the TopK family)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="topk", help=f"comma-separated, of {', '.join(ARCHS)}")
+    ap.add_argument("--start", default="init", help="jumprelu, gated, standard: init, sparse or both (a row each)")
     ap.add_argument("--steps", type=int, default=32, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--quick", action="store_true", help="8 timed steps and a 4k-token eval (~1 minute per arch)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sweep", action="store_true", help="jumprelu, gated, standard: sparse vs dense path by density")
     ap.add_argument("--memory-probe", choices=["nanosae", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.steps)
-    archs = args.arch.split(",")
+    archs, starts = args.arch.split(","), args.start.split(",")
     if unknown := [a for a in archs if a not in ARCHS]:
         ap.error(f"unknown --arch {', '.join(unknown)}; choose from {', '.join(ARCHS)}")
+    if args.sweep:
+        return density_sweep(archs, 8 if args.quick else args.steps)
+    if unknown := [s for s in starts if s not in ("init", "sparse")]:
+        ap.error(f"unknown --start {', '.join(unknown)}; choose from init, sparse")
     steps, warm = (8 if args.quick else args.steps), 2
     n_eval = 4096 if args.quick else 16384
     print(f"SAE training, d_in {D_IN}, d_sae {D_SAE}, k {K}, batch {BATCH}, Adam lr {LR}, fp32, {args.threads} "
-          f"threads, {steps} timed steps after {warm} warm-up; {', '.join(archs)}")  # fmt: skip
+          f"threads, {steps} timed steps after {warm} warm-up; {', '.join(archs)}; start {', '.join(starts)}")  # fmt: skip
 
     data = Synthetic()
     batches = [data.sample(BATCH, 1000 + i) for i in range(warm + steps)]
     held_out = data.sample(n_eval, 7)
-    impls = {}  # (arch, "nanosae" | "dense") -> (step function, training SAE)
-    for arch in archs:
-        trainer, ref = nanosae_trainer(warm + steps, arch), DenseLoop(arch, batches[0])
+    rows = [(a, s) for a in archs for s in (["init"] if ARCHS[a]["arch"] in ("topk", "batchtopk") else starts)]
+    impls = {}  # (arch, start, "nanosae" | "dense") -> (step function, training SAE)
+    for arch, start in rows:
+        trainer, ref = nanosae_trainer(warm + steps, arch), DenseLoop(arch, batches[0], start)
         trainer.init(batches[0])
-        impls[arch, "nanosae"] = (trainer.step, trainer.learners[0].sae)
-        impls[arch, "dense"] = (ref.step, ref.sae)
+        if start == "sparse":
+            sparse_start(trainer.learners[0].sae, batches[0])
+        impls[arch, start, "nanosae"] = (trainer.step, trainer.learners[0].sae)
+        impls[arch, start, "dense"] = (ref.step, ref.sae)
     times = {key: [] for key in impls}
     cpu = {key: [] for key in impls}  # process CPU time: less swayed than wall time by other jobs on a shared machine
     gflops = []
@@ -279,31 +376,14 @@ def main() -> None:
             if i >= warm:
                 times[key].append(time.perf_counter() - t)
                 cpu[key].append(time.process_time() - c)
-        W = impls[archs[0], "dense"][1].W_enc.detach()
+        W = impls[(*rows[0], "dense")][1].W_enc.detach()
         gflops.append(encoder_gflops(x, W.t(), torch.zeros(D_SAE)))
 
     rate = statistics.median(gflops)
     floor = rate * 1e9 / (2 * D_IN * D_SAE)
-    tok = {key: BATCH * len(t) / sum(t) for key, t in times.items()}
     print(f"floor: {floor:,.0f} tok/s (encoder matmul {2 * BATCH * D_IN * D_SAE / 1e9:.1f} GFLOP/step at {rate:.0f} "
           "GFLOP/s, median over cycles)")  # fmt: skip
-    print(f"{'arch':11s} {'nanosae tok/s':>13s} {'dense tok/s':>11s} {'ratio':>6s} {'per-cycle':>9s} {'cpu':>5s} "
-          f"{'% floor':>7s} {'x topk':>6s} {'cpu':>5s}  {'FVU nanosae / dense':>19s}  {'L0 nanosae / dense':>18s}")  # fmt: skip
-    for arch in archs:
-        ours, dense = (arch, "nanosae"), (arch, "dense")
-        per_cycle = statistics.median(d / o for o, d in zip(times[ours], times[dense]))
-        cpu_ratio = sum(cpu[dense]) / sum(cpu[ours])
-        vs_topk = "".join(
-            f" {statistics.median(t / o for o, t in zip(ts[ours], ts['topk', 'nanosae'])):5.2f}" if "topk" in archs
-            else f" {'':5s}"
-            for ts in (times, cpu)
-        )  # fmt: skip
-        (f_ours, l_ours), (f_dense, l_dense) = fvu_l0(impls[ours][1], held_out), fvu_l0(impls[dense][1], held_out)
-        print(f"{arch:11s} {tok[ours]:13,.0f} {tok[dense]:11,.0f} {tok[ours] / tok[dense]:6.2f} {per_cycle:9.2f} "
-              f"{cpu_ratio:5.2f} {100 * tok[ours] / floor:6.0f}% {vs_topk}  {f_ours:9.4f} / {f_dense:.4f}  "
-              f"{l_ours:8.1f} / {l_dense:.1f}")  # fmt: skip
-    print("(ratio: nanosae tok/s / dense tok/s; per-cycle: median of dense / nanosae step time; cpu: the same ratio "
-          "in process CPU time; x topk: median per cycle of nanosae TopK step time / this step time, wall and CPU)")  # fmt: skip
+    print_table(rows, impls, times, cpu, floor, held_out)
 
     if "topk" in archs:
         weights = (2 * D_SAE * D_IN + D_SAE + D_IN) * 4 / 2**20
@@ -316,7 +396,8 @@ def main() -> None:
                   f"{2 * weights:.0f} + 2 batches {2 * batch_mb:.0f} = {3 * weights + 2 * batch_mb:.0f}; nanosae's "
                   f"transients = {(ours_live - 3 * weights) / batch_mb:.1f} batches live, "
                   f"{(ours - 3 * weights) / batch_mb:.1f} in RSS")  # fmt: skip
-    print(f"ratio: {tok[archs[0], 'nanosae'] / tok[archs[0], 'dense']:.2f}")
+    first = (*rows[0], "nanosae"), (*rows[0], "dense")
+    print(f"ratio: {sum(times[first[1]]) / sum(times[first[0]]):.2f}")
 
 
 if __name__ == "__main__":

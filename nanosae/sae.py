@@ -64,6 +64,11 @@ L0_GAIN = 1.0
 # token with more in the batch's top B*k is recomputed whole. The number balances the two costs (measured)
 CANDIDATES = 2
 HINT_MARGIN = 0.9
+# ReLU, Gated and JumpReLU SAEs train on the entries with a value or a gradient alone (sparse codes, as the TopK family)
+# while those are at most this share of batch x d_sae, and by their dense definition above it (early in training).
+# The sparse step stopped being the faster at ~0.06 with two threads and above 0.12 with one on a 2-vCPU VM
+# (bench/train_throughput.py --sweep); more cores speed the matmuls more than the sparse kernels, so this sits below
+SPARSE_MAX_DENSITY = 0.04
 SAELENS_VERSION = "6.0.0"  # the on-disk format version we write (v6: LLM keys live under `metadata`)
 
 
@@ -833,9 +838,33 @@ class TrainingSAE(nn.Module):
         self, x: torch.Tensor, dead: torch.Tensor, sparsity_warmup: float, row_grads: sparse.RowGrads | None = None
     ) -> LossOut:
         """Loss on a batch of model activations x (n, d_in); `dead` (d_sae,) marks dead latents, `sparsity_warmup`
-        in [0, 1] scales λ while it warms up. The TopK family's backward leaves W_enc's and W_dec's gradients in
-        `row_grads` instead of .grad when one is given (nanosae.sparse.RowGrads); the others ignore it."""
+        in [0, 1] scales λ while it warms up. A loss computed from sparse codes leaves W_enc's and W_dec's gradients
+        in `row_grads` instead of .grad when one is given (nanosae.sparse.RowGrads); a dense one leaves it empty."""
         raise NotImplementedError
+
+    def firing(
+        self, xs: torch.Tensor, bias: torch.Tensor, cut: torch.Tensor | float
+    ) -> tuple[sparse.Codes, torch.Tensor] | None:
+        """The entries where (xs - shift) W_enc + bias > cut, as (codes, values), while they are few enough for the
+        sparse path to be the faster (SPARSE_MAX_DENSITY); else None, and the caller takes its dense path. On a CPU
+        only, where the cut-off was measured."""
+        if xs.device.type != "cpu":
+            return None
+        W = self.W_enc.detach()
+        b = bias.detach() - self.enc_shift().detach() @ W
+        return sparse.threshold_select(xs, W, b, cut, int(SPARSE_MAX_DENSITY * xs.shape[0] * self.d_sae))
+
+    def residual(
+        self, codes: sparse.Codes, f: torch.Tensor, target: torch.Tensor, row_grads=None, frozen: bool = False
+    ) -> torch.Tensor:
+        """target - x_hat for latents f at the code entries (x_hat = f W_dec + b_dec; `frozen`: with the decoder
+        detached), built in the decode's own (n, d_in) memory."""
+        W_dec, b_dec = (self.W_dec.detach(), self.b_dec.detach()) if frozen else (self.W_dec, self.b_dec)
+        return sparse.decode(codes, -f, W_dec, row_grads).add_(target).add_(-b_dec)
+
+    def fired(self, codes: sparse.Codes, f: torch.Tensor) -> torch.Tensor:
+        """(d_sae,) how many tokens each latent fired on (f > 0) among the code entries."""
+        return torch.bincount(codes.cols[f > 0], minlength=self.d_sae)
 
     def _out(self, loss, sse, fired, aux, **extra) -> LossOut:
         return LossOut(loss, sse.detach() / self.output_scale**2, fired, aux.detach(), extra)
@@ -951,7 +980,9 @@ class TrainingSAE(nn.Module):
 
 class StandardSAE(TrainingSAE):
     """ReLU + L1 (Anthropic 2023): f = relu((x - b_dec) W_enc + b_enc), L = |x - x_hat|^2 + λ |f|_1, with a
-    unit-norm decoder (so the L1 cannot be dodged by shrinking f and growing W_dec) and dead-latent resampling."""
+    unit-norm decoder (so the L1 cannot be dodged by shrinking f and growing W_dec) and dead-latent resampling.
+    `dense_loss` is this definition in plain dense PyTorch; `loss` computes the same from the entries with f > 0
+    alone (sparse codes, nanosae.sparse) when they are few: nothing else has a value or a gradient."""
 
     defaults = {"sparsity_coeff": 5.0, "resample": True, "grad_clip": 0.0, "beta1": 0.9, "normalize": True}
 
@@ -961,13 +992,29 @@ class StandardSAE(TrainingSAE):
     def penalty(self, f: torch.Tensor) -> torch.Tensor:
         return f.sum(-1)
 
-    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+    def dense_loss(self, x: torch.Tensor, dead: torch.Tensor, sparsity_warmup: float) -> LossOut:
+        """The definition of `loss`: dense (batch x d_sae) latents, plain matmuls and autograd (the path early in
+        training, when most latents fire; tests hold the sparse path to it)."""
         xs, target = self.split(x)
         f = self.encode(xs)
         err = (f @ self.W_dec + self.b_dec - target).pow(2).sum(-1)
         sparsity = self.penalty(f)
         loss = (err + sparsity_warmup * self.sparsity_coeff * sparsity).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
+
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+        xs, target = self.split(x)
+        picked = self.firing(xs, self.b_enc, 0.0)
+        if picked is None:
+            return self.dense_loss(x, dead, sparsity_warmup)
+        codes, pre_vals = picked
+        f = sparse.gather(
+            xs, self.enc_shift(), self.W_enc, self.b_enc, codes, pre_vals, row_grads
+        )  # > 0: relu is a no-op
+        sse = sparse.squared_error(self.residual(codes, f, target, row_grads))
+        sparsity = f.sum()
+        loss = (sse + sparsity_warmup * self.sparsity_coeff * sparsity) / len(x)
+        return self._out(loss, sse, self.fired(codes, f), sparsity / len(x))
 
 
 class AprilSAE(StandardSAE):
@@ -983,6 +1030,9 @@ class AprilSAE(StandardSAE):
 
     def penalty(self, f):
         return f @ self.W_dec.norm(dim=1)
+
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):  # its encoder and penalty are not the sparse path's
+        return self.dense_loss(x, dead, sparsity_warmup)
 
     def inference_tensors(self):  # an SAE's x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
         t = super().inference_tensors()
@@ -1146,7 +1196,9 @@ class GatedSAE(TrainingSAE):
     """Gated (Rajamanoharan et al. 2024): π_gate = (x - b_dec) W_enc + b_gate decides which latents fire,
     π_mag = (x - b_dec)(W_enc ⊙ exp(r_mag)) + b_mag how strongly: f = 1[π_gate > 0] relu(π_mag).
     L = |x - x_hat|^2 + λ |relu(π_gate)|_1 + |x - (relu(π_gate) W_dec.detach() + b_dec.detach())|^2; the last
-    (auxiliary) term reconstructs through the gate with a frozen decoder so the gate path gets a gradient."""
+    (auxiliary) term reconstructs through the gate with a frozen decoder so the gate path gets a gradient.
+    `dense_loss` is this definition; `loss` computes the same from the entries with π_gate > 0 alone (sparse codes)
+    when they are few: f and relu(π_gate) are 0 elsewhere, with no gradient."""
 
     inference_architecture = "gated"
     enc_biases = ("b_gate", "b_mag", "r_mag")
@@ -1160,16 +1212,35 @@ class GatedSAE(TrainingSAE):
         gate, mag = self._paths(xs)
         return (gate > 0) * F.relu(mag)
 
-    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+    def dense_loss(self, x: torch.Tensor, dead: torch.Tensor, sparsity_warmup: float) -> LossOut:
+        """The definition of `loss` in dense (batch x d_sae) latents (the path while most gates are open)."""
         xs = x * self.input_scale
+        target = xs
         gate, mag = self._paths(xs)
         f = (gate > 0) * F.relu(mag)
-        err = (f @ self.W_dec + self.b_dec - xs).pow(2).sum(-1)
+        err = (f @ self.W_dec + self.b_dec - target).pow(2).sum(-1)
         gate_act = F.relu(gate)
         sparsity = gate_act.sum(-1)
-        aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - xs).pow(2).sum(-1)
+        aux = (gate_act @ self.W_dec.detach() + self.b_dec.detach() - target).pow(2).sum(-1)
         loss = (err + sparsity_warmup * self.sparsity_coeff * sparsity + aux).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), sparsity.mean())
+
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+        xs = x * self.input_scale
+        target = xs
+        picked = self.firing(xs, self.b_gate, 0.0)
+        if picked is None:
+            return self.dense_loss(x, dead, sparsity_warmup)
+        codes, gate_vals = picked
+        gate = sparse.gather(xs, self.b_dec, self.W_enc, self.b_gate, codes, gate_vals, row_grads)  # > 0: = relu
+        cols = codes.cols
+        mag = (gate - self.b_gate[cols]) * self.r_mag.exp()[cols] + self.b_mag[cols]  # π_mag from the same z
+        f = F.relu(mag)
+        sse = sparse.squared_error(self.residual(codes, f, target, row_grads))
+        sparsity = gate.sum()
+        aux = sparse.squared_error(self.residual(codes, gate, target, frozen=True))
+        loss = (sse + sparsity_warmup * self.sparsity_coeff * sparsity + aux) / len(x)
+        return self._out(loss, sse, self.fired(codes, f), sparsity / len(x))
 
     def inference_tensors(self):
         return {
@@ -1200,7 +1271,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g):
         z, threshold = ctx.saved_tensors
         d_threshold = -(threshold / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
-        return g * (z > threshold) - d_threshold, d_threshold.sum(0), None
+        return g * (z > threshold) - d_threshold, d_threshold.sum_to_size(threshold.shape), None
 
 
 class _Step(torch.autograd.Function):
@@ -1216,7 +1287,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g):
         z, threshold = ctx.saved_tensors
         d_threshold = -(1 / ctx.bandwidth) * _kernel(z, threshold, ctx.bandwidth) * g
-        return -d_threshold, d_threshold.sum(0), None
+        return -d_threshold, d_threshold.sum_to_size(threshold.shape), None
 
 
 class JumpReLUSAE(TrainingSAE):
@@ -1224,7 +1295,9 @@ class JumpReLUSAE(TrainingSAE):
     threshold θ per latent (kept >= 0); L = |x - x_hat|^2 + λ |f|_0. H has no gradient, so both terms reach θ
     (and z) through straight-through estimators with a rectangle kernel of bandwidth ε (_JumpReLU, _Step).
     Anthropic's 2025 settings for inputs at E|x| = √d: ε = 2, θ0 = 0.1, gradients to z. θ moves by about one LR per
-    step, so with target_l0 it starts where the initial encoder fires target_l0 latents per token."""
+    step, so with target_l0 it starts where the initial encoder fires target_l0 latents per token.
+    `dense_loss` is this definition; `loss` computes the same from the entries with z > θ - ε/2 alone (sparse codes)
+    when they are few: every other entry has f = 0 and, outside the kernel's band, no gradient."""
 
     inference_architecture = "jumprelu"
     defaults = {"sparsity_coeff": 1.0, "resample": True, "grad_clip": 0.0, "beta1": 0.0, "normalize": True}
@@ -1254,7 +1327,13 @@ class JumpReLUSAE(TrainingSAE):
         super().after_step(extra, l0, lr)
         self.threshold.clamp_(min=0.0)
 
-    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+    def band_floor(self) -> torch.Tensor:
+        """(d_sae,) the pre-activation above which an entry has a value or a gradient (f, or the kernel's band):
+        θ - ε/2, a hair lower so that rounding cannot leave out an entry the kernel reaches (the kernel decides)."""
+        return self.threshold.detach() - 0.501 * self.cfg.bandwidth
+
+    def dense_loss(self, x: torch.Tensor, dead: torch.Tensor, sparsity_warmup: float) -> LossOut:
+        """The definition of `loss` in dense (batch x d_sae) latents (the path while the band is wide)."""
         xs, target = self.split(x)
         z = self.pre_acts(xs)
         f = _JumpReLU.apply(z, self.threshold, self.cfg.bandwidth)
@@ -1262,6 +1341,23 @@ class JumpReLUSAE(TrainingSAE):
         l0 = _Step.apply(z, self.threshold, self.cfg.bandwidth).sum(-1)
         loss = (err + sparsity_warmup * self.sparsity_coeff * l0).mean()
         return self._out(loss, err.sum(), (f > 0).sum(0), l0.mean())
+
+    def loss(self, x, dead, sparsity_warmup, row_grads=None):
+        xs, target = self.split(x)
+        eps = self.cfg.bandwidth
+        picked = self.firing(xs, self.b_enc, self.band_floor())
+        if picked is None:
+            return self.dense_loss(x, dead, sparsity_warmup)
+        codes, pre_vals = picked
+        z = sparse.gather(xs, self.enc_shift(), self.W_enc, self.b_enc, codes, pre_vals, row_grads)
+        threshold = self.threshold[codes.cols]
+        f = _JumpReLU.apply(z, threshold, eps)
+        live = pre_vals > threshold.detach()  # f != 0; the rest, the band below θ, only carries the kernel's gradient
+        e = self.residual(codes.subset(live), f[live], target, row_grads)
+        sse = sparse.squared_error(sparse.probe(e, codes.subset(~live), -f[~live], self.W_dec.detach()))
+        l0 = _Step.apply(z, threshold, eps).sum()
+        loss = (sse + sparsity_warmup * self.sparsity_coeff * l0) / len(x)
+        return self._out(loss, sse, self.fired(codes, f), l0 / len(x))
 
     def inference_tensors(self):
         return {**super().inference_tensors(), "threshold": self.threshold}

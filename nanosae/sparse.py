@@ -1,4 +1,5 @@
-"""Sparse codes for the TopK family: select on the dense pre-activations, then touch only the active latents.
+"""Sparse codes: select on the dense pre-activations, then touch only the active latents. The TopK family always
+trains this way; ReLU, Gated and JumpReLU SAEs do once their latents are sparse (threshold_select).
 
 A batch of codes is a list of entries (latent, token), grouped by token (`offsets`: where each token's entries
 start, for the decode's embedding_bag) and also listed in latent order (`perm`, `latent_offsets`, for the weight
@@ -205,6 +206,26 @@ def batch_topk_select(
     return flat[keep], cands[keep], aux_vals, aux_idx, c
 
 
+@torch.no_grad()
+def threshold_select(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, cut: torch.Tensor | float, max_entries: int,
+    block: int = 256,
+) -> tuple[Codes, torch.Tensor] | None:  # fmt: skip
+    """The entries of P = x @ W_enc + b_enc (rows x d_sae) above `cut` (a number, or one per latent): their codes and
+    values. None as soon as they number more than max_entries, the caller's cue to take its dense path instead (the
+    blocks made until then, at most max_entries entries' worth, are the work lost). Blocks of rows as topk_select."""
+    rows, cols, vals, count = [], [], [], 0
+    for s, _, pre in _slabs(x, W_enc, b_enc, block):
+        r, c = (pre > cut).nonzero(as_tuple=True)  # row-major: the entries come grouped by token
+        count += r.numel()
+        if count > max_entries:
+            return None
+        rows.append(r + s)
+        cols.append(c)
+        vals.append(pre[r, c])
+    return _codes(torch.cat(cols), torch.cat(rows), x.shape[0], W_enc.shape[1]), torch.cat(vals)
+
+
 class RowGrad(NamedTuple):
     """A (d_sae, d) weight gradient kept unevaluated: row j = sum over latent j's entries e of weights_e
     dense[token_e], minus scale[j] * shift when a scale is given (the input shift x - b_dec of the encoder)."""
@@ -231,7 +252,8 @@ class RowGrad(NamedTuple):
 class RowGrads:
     """A step's collector of weight gradients: the backward of `gather` and `decode` appends each term of W_enc's and
     W_dec's gradients here, unevaluated and one row per latent (W_enc's transposed), instead of writing W_enc.grad
-    and W_dec.grad. nanosae.train hands it to adam_rows (the TopK family's update on one CPU process)."""
+    and W_dec.grad. nanosae.train hands it to adam_rows (the update on one CPU process); a loss that took its dense
+    path leaves it empty and writes .grad as usual."""
 
     W_enc: list[RowGrad] = field(default_factory=list)
     W_dec: list[RowGrad] = field(default_factory=list)
@@ -306,6 +328,31 @@ def decode(codes: Codes, vals: torch.Tensor, W_dec: torch.Tensor, row_grads: Row
     """sum_e vals_e W_dec[lat_e] per token: (n, d_in), no bias. W_dec's gradient goes to row_grads.W_dec instead of
     W_dec.grad when a collector is given."""
     return _Decode.apply(vals, W_dec, codes, row_grads)
+
+
+class _Probe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, vals, W, codes):
+        ctx.save_for_backward(W)
+        ctx.codes = codes
+        return out.clone()  # (a view could not be changed in place afterwards)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (W,) = ctx.saved_tensors
+        codes, dout = ctx.codes, dout.contiguous()
+        dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            dout, W, codes.cols, codes.offsets, codes.rows, 0
+        )
+        return dout, dvals, None, None
+
+
+def probe(out: torch.Tensor, codes: Codes, vals: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """`out` (a copy), with entries of value 0 that decode(codes, vals, W) would add to it: they add nothing, so
+    nothing is computed forward, but their values get the gradient <dout[tok_e], W[lat_e]> that the decode would
+    give them (W gets none: it would be 0). For entries whose value is 0 and whose gradient is not (JumpReLU's
+    straight-through band below the threshold): half the decode's work per entry."""
+    return _Probe.apply(out, vals, W, codes)
 
 
 class _SquaredError(torch.autograd.Function):

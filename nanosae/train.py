@@ -5,7 +5,8 @@ that resume bitwise; Ctrl-C and NaN/Inf handling; data-parallel training under t
 One step, for every SAE: loss on this rank's share of the batch -> backward -> (several ranks: all-reduce the
 gradients and the step's statistics) -> project decoder gradients -> clip -> Adam -> renormalise the decoder ->
 update dead counters, firing density, thresholds, λ -> maybe resample, log, checkpoint, evaluate. In one CPU process
-the TopK family's two weight matrices skip the dense gradient: the backward leaves it unevaluated in a
+a loss computed from sparse codes (the TopK family's always; ReLU, Gated and JumpReLU SAEs' once their latents are
+sparse) spares the two weight matrices the dense gradient: the backward leaves it unevaluated in a
 nanosae.sparse.RowGrads that the step hands to adam_rows, which projects, updates and renormalises a block of
 latents at a time.
 
@@ -42,7 +43,7 @@ from . import sparse
 from .distributed import dist_info
 from .errors import NanosaeError
 from .fileio import atomic_write, atomic_write_text, remove_leftovers, verify_sha256
-from .sae import SAE, LossOut, SAETrainConfig, TopKSAE, TrainingSAE, training_sae
+from .sae import SAE, LossOut, SAETrainConfig, TrainingSAE, training_sae
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -160,11 +161,11 @@ class _Learner:
         self.name = f"{site}/{sae.cfg.name}" if site else sae.cfg.name
         sae.world = world  # its collectives (AuxK's variance, BatchTopK's cutoff) span the ranks
         c, dev = sae.cfg, sae.W_dec.device
-        # sparse_update: the TopK family's W_enc and W_dec get their gradients from a RowGrads collector and Adam
-        # applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient all-reduce or a
-        # global clip needs them whole, so those SAEs take the plain path. It pays on CPUs (cache and memory); a GPU
-        # does better with one fused Adam over the whole weight than with a launch per block
-        self.sparse_update = isinstance(sae, TopKSAE) and world == 1 and not c.grad_clip and dev.type == "cpu"
+        # sparse_update: a loss computed from sparse codes leaves W_enc's and W_dec's gradients in a RowGrads collector
+        # and Adam applies them a block of latents at a time (adam_rows), never as dense tensors. A gradient
+        # all-reduce or a global clip needs them whole, so those SAEs take the plain path. It pays on CPUs (cache and
+        # memory); a GPU does better with one fused Adam over the whole weight than with a launch per block
+        self.sparse_update = world == 1 and not c.grad_clip and dev.type == "cpu"
         adam_kw = {"fused": True} if dev.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(sae.parameters(), lr=c.lr, betas=(c.beta1, 0.999), **adam_kw)
         self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)  # tokens since each latent fired
@@ -206,7 +207,8 @@ class _Learner:
     @torch.no_grad()
     def optimize(self, lr_factor: float, row_grads: sparse.RowGrads | None) -> None:
         """Apply the step's gradients: project the decoder's, clip, Adam, renormalise the decoder. With row_grads
-        (sparse_update), W_enc and W_dec have no .grad: adam_rows applies theirs, projection and renorm included."""
+        (sparse_update) that the loss filled, W_enc and W_dec have no .grad: adam_rows applies theirs, projection and
+        renorm included; a loss that took its dense path left them empty and wrote .grad."""
         sae, c = self.sae, self.sae.cfg
         sae.project_grads()
         if c.grad_clip:
@@ -214,7 +216,7 @@ class _Learner:
         for group in self.opt.param_groups:
             group["lr"] = c.lr * lr_factor
         self.opt.step()  # every parameter with a .grad
-        if row_grads is None:
+        if row_grads is None or not (row_grads.W_enc or row_grads.W_dec):
             sae.normalize_decoder()
         else:
             adam_rows(sae.W_enc, row_grads.W_enc, self.opt, transposed=True, unit_norm=False)
@@ -393,7 +395,7 @@ class Trainer:
         sparsity_warmup = min(1.0, (step + 1) / self._sparsity_warmup_steps)  # λ's factor
         outs, row_grads = [], []
         for learner in self.learners:
-            # sparse_update (TopK family, one CPU process): the backward leaves W_enc's and W_dec's gradients in
+            # sparse_update (one CPU process): a sparse loss's backward leaves W_enc's and W_dec's gradients in
             # `grads`, unevaluated (nanosae.sparse.RowGrads), and their .grad None; the rest goes to .grad as usual
             grads = sparse.RowGrads() if learner.sparse_update else None
             out = learner.sae.loss(self.input(learner, batch), learner.aux_latents, sparsity_warmup, grads)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from nanosae import sae as sae_module
 from nanosae import sparse
 from nanosae.errors import NanosaeError
 from nanosae.sae import SAE, SAEConfig, SAETrainConfig, geometric_median, load_sae, training_sae
@@ -167,6 +168,56 @@ def test_jumprelu_loss_and_straight_through_threshold_gradient():
     # the jump's pseudo-derivative reaches z too (Anthropic 2025): d/dz = -d/dθ on top of H(z - θ)
     d_z = g * (z > theta) + (theta / eps) * kernel * g + 0.21 * kernel / eps / N
     assert torch.allclose(sae.b_enc.grad, d_z.sum(0), atol=1e-5)
+
+
+def _sparse_state(arch: str):
+    """A float64 SAE whose latents are sparse, as training leaves them: about 6% of the entries fire and, for
+    JumpReLU, as many again lie in the kernel's band below θ (the band above θ is among the firing ones)."""
+    sae, x = _sae(arch, sparsity_coeff=0.3, bandwidth=0.6)
+    sae.double()
+    x = x.double()
+    with torch.no_grad():
+        z = (x * sae.input_scale - sae.b_dec) @ sae.W_enc
+        cut = z.flatten().quantile(0.94)
+        if arch == "jumprelu":
+            sae.b_enc.zero_()
+            sae.threshold.copy_(cut + torch.rand(D_SAE, dtype=torch.float64) * 0.1)
+        else:
+            bias = sae.b_gate if arch == "gated" else sae.b_enc
+            bias.copy_(-cut + torch.randn(D_SAE, dtype=torch.float64) * 0.1)
+    return sae, x
+
+
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu"])
+def test_sparse_loss_equals_its_dense_definition(arch, monkeypatch):
+    """`loss` from the selected entries alone against `dense_loss` (the definition, dense latents and autograd), in
+    float64: the loss, the statistics, every parameter's gradient, through .grad and through a RowGrads collector.
+    Over the density cut-off, `loss` is the dense path itself and leaves the collector empty."""
+    sae, x = _sparse_state(arch)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    names, params = zip(*sae.named_parameters())
+    ref = sae.dense_loss(x, dead, 0.7)
+    ref_grads = torch.autograd.grad(ref.loss, params)
+    assert 0.03 * N * D_SAE < ref.fired.sum() < 0.09 * N * D_SAE
+
+    monkeypatch.setattr(sae_module, "SPARSE_MAX_DENSITY", 0.5)
+    out = sae.loss(x, dead, 0.7)
+    assert torch.allclose(out.loss, ref.loss, rtol=1e-12) and torch.allclose(out.sse, ref.sse, rtol=1e-12)
+    assert torch.equal(out.fired, ref.fired) and torch.allclose(out.aux, ref.aux, rtol=1e-12)
+    for name, g, r in zip(names, torch.autograd.grad(out.loss, params), ref_grads):
+        assert r.abs().max() > 0 and torch.allclose(g, r, rtol=1e-9, atol=1e-12), (name, (g - r).abs().max())
+    row_grads = sparse.RowGrads()
+    sae.loss(x, dead, 0.7, row_grads).loss.backward()
+    assert sae.W_enc.grad is None and sae.W_dec.grad is None and len(row_grads.W_enc) == len(row_grads.W_dec) == 1
+    enc, dec = ref_grads[names.index("W_enc")], ref_grads[names.index("W_dec")]
+    assert torch.allclose(row_grads.W_enc[0].full().t(), enc, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(row_grads.W_dec[0].full(), dec, rtol=1e-9, atol=1e-12)
+
+    monkeypatch.setattr(sae_module, "SPARSE_MAX_DENSITY", 0.01)  # too dense now: the definition itself
+    row_grads = sparse.RowGrads()
+    sae.zero_grad(set_to_none=True)
+    sae.loss(x, dead, 0.7, row_grads).loss.backward()
+    assert not row_grads.W_enc and not row_grads.W_dec and torch.allclose(sae.W_enc.grad, enc, rtol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "gated", "topk"])

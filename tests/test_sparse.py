@@ -148,6 +148,34 @@ def test_variable_bags_match_dense():
         assert torch.allclose(g, r, atol=1e-10)
 
 
+def test_threshold_select_is_the_dense_mask_or_nothing_over_the_budget():
+    """Every entry above its latent's cut, in every row block, with its value; None past max_entries."""
+    g = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randint(-64, 65, s, generator=g) / 8 for s in [(50, 8), (8, 40), (40,)])  # exact in float32
+    cut = torch.randint(0, 40, (40,), generator=g) / 4
+    pre = x @ W + b
+    mask = pre > cut
+    assert 0 < mask.sum() < mask.numel() / 2
+    codes, vals = sparse.threshold_select(x, W, b, cut, int(mask.sum()), block=16)
+    got = torch.zeros_like(mask).index_put_((codes.rows.long(), codes.cols.long()), torch.tensor(True))
+    assert torch.equal(got, mask) and torch.equal(vals, pre[codes.rows.long(), codes.cols.long()])
+    assert (codes.rows.diff() >= 0).all() and codes.offsets.tolist() == (mask.sum(1).cumsum(0) - mask.sum(1)).tolist()
+    assert sparse.threshold_select(x, W, b, cut, int(mask.sum()) - 1, block=16) is None
+
+
+def test_probe_gives_zero_valued_entries_the_gradient_a_decode_would():
+    W_enc, b_enc, b_dec, W_dec = _params(seed=2)
+    out = torch.randn(30, 12, dtype=torch.float64, requires_grad=True)
+    codes = sparse.topk_codes(torch.randint(0, 96, (30, 5), generator=torch.Generator().manual_seed(3)), 96)
+    vals = torch.zeros(150, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(30, 12, dtype=torch.float64)
+    got = sparse.probe(out, codes, vals, W_dec.detach())
+    assert torch.equal(got, out)
+    ref = out + sparse.decode(codes, vals, W_dec.detach())
+    for g, r in zip(torch.autograd.grad(got, [out, vals], dout), torch.autograd.grad(ref, [out, vals], dout)):
+        assert torch.allclose(g, r, atol=1e-12) and r.abs().max() > 0
+
+
 def test_codes_subset_keeps_token_positions():
     codes = sparse.topk_codes(torch.tensor([[0, 5], [2, 7], [1, 6]]), 8)
     sub = codes.subset(codes.cols < 5)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanosae import sae as sae_module
 from nanosae import sparse
 from nanosae.cli import build_parser, main
 from nanosae.errors import NanosaeError
@@ -300,17 +301,29 @@ def test_schedules():
     assert SAETrainConfig(d_sae=2**16).resolved(D_IN).lr == pytest.approx(1e-4)  # 2e-4 / sqrt(d_sae / 2^14)
 
 
-def test_a_trainer_step_is_a_plain_adam_step():
+@pytest.mark.parametrize("max_density", [0.0, 1.0])  # ReLU, Gated and JumpReLU: always dense, always sparse
+def test_a_trainer_step_is_a_plain_adam_step(max_density, monkeypatch):
     """Every architecture's step is torch's Adam on the dense gradient (the decoder's projected, then the decoder
-    renormalised) of its loss; for the TopK family, of the loss's dense definition (reference_loss), so the sparse
-    loss, its gradients and the block-by-block update from unevaluated gradients (main, AuxK and matryoshka terms)
-    are all checked. In float64: Adam's first steps divide a gradient by its own size, so float32 rounding in a
-    near-zero gradient would move a weight by a good part of the LR. Gradients reach the fused optimizer in their
-    parameter's memory layout; a mismatch makes torch 2.13's fused CPU Adam update the wrong elements, silently."""
+    renormalised) of its loss's dense definition (the TopK family's reference_loss, the others' dense_loss), so the
+    sparse loss, its gradients and the block-by-block update from unevaluated gradients (main, AuxK and matryoshka
+    terms) are all checked, and so is the dense path the others take while their latents are dense. In float64:
+    Adam's first steps divide a gradient by its own size, so float32 rounding in a near-zero gradient would move a
+    weight by a good part of the LR. Gradients reach the fused optimizer in their parameter's memory layout; a
+    mismatch makes torch 2.13's fused CPU Adam update the wrong elements, silently."""
     saes = [
         SAETrainConfig(arch=a, d_sae=600, k=4, lr=1e-3, sparsity_coeff=0.1, name=f"{a}{len(m)}", matryoshka=m)
-        for a, m in (("topk", ()), ("topk", (100, 300)), ("batchtopk", ()), ("standard", ()), ("gated", ()))
+        for a, m in (
+            ("topk", ()),
+            ("topk", (100, 300)),
+            ("batchtopk", ()),
+            ("standard", ()),
+            ("gated", ()),
+            ("jumprelu", ()),
+        )
     ]
+    monkeypatch.setattr(sae_module, "SPARSE_MAX_DENSITY", max_density)
+    made, collector = [], sparse.RowGrads
+    monkeypatch.setattr(sparse, "RowGrads", lambda: made.append(g := collector()) or g)
     cfg = TrainConfig(
         saes=saes, tokens=40 * 128, batch_size=128, lr_warmup_steps=0, sparsity_warmup_frac=0, dead_tokens=128
     )
@@ -320,7 +333,7 @@ def test_a_trainer_step_is_a_plain_adam_step():
         learner.sae.double()  # in place: the optimizer keeps its parameters
     trainer.init(data[:128])
     refs = [copy.deepcopy(learner.sae) for learner in trainer.learners]
-    opts = [torch.optim.Adam(r.parameters(), lr=1e-3, foreach=False) for r in refs]
+    opts = [torch.optim.Adam(r.parameters(), lr=1e-3, betas=(r.cfg.beta1, 0.999), foreach=False) for r in refs]
     assert trainer.learners[0].sae.W_enc.stride() == (1, D_IN)  # stored transposed on purpose
     for i in range(3):
         x = data[i * 128 : (i + 1) * 128]
@@ -328,15 +341,15 @@ def test_a_trainer_step_is_a_plain_adam_step():
             if ref.cfg.arch in ("topk", "batchtopk"):
                 ref.reference_loss(x, learner.dead).backward()
             else:
-                ref.loss(x, learner.dead, 1.0).loss.backward()
+                ref.dense_loss(x, learner.dead, 1.0).loss.backward()
             ref.project_grads()
             opt.step()
             opt.zero_grad()
             ref.normalize_decoder()
         trainer.step(x)
-    assert (
-        trainer.learners[0].sparse_update and trainer.learners[0].sae.W_enc.grad is None
-    )  # the dense gradient never existed
+    # the sparse path ran where it should: its backward filled the step's RowGrads (the dense gradient never existed)
+    filled = [bool(g.W_enc) and bool(g.W_dec) for g in made[-len(saes) :]]
+    assert len(made) == 3 * len(saes) and filled == [True] * 3 + [max_density == 1] * 3
     assert trainer.learners[0].flush()["aux"] > 0  # AuxK ran (latents go dead after one batch here)
     for learner, ref in zip(trainer.learners, refs):
         for p, q in zip(learner.sae.parameters(), ref.parameters()):

@@ -330,3 +330,24 @@ def test_bad_transcoder_flags_give_one_line_errors(tmp_path, capsys, flags, mess
 def test_transcoder_from_a_cache_is_refused(tmp_path, capsys):
     assert main(["train", "--activations", str(tmp_path), "--arch", "transcoder", "--out", str(tmp_path / "o")]) == 2
     assert "train it from --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_sparse_relu_and_jumprelu_transcoder_steps_equal_their_dense_definition(arch):
+    """With few latents firing, ReLU's and JumpReLU's losses run from sparse codes; for a transcoder too, with the
+    unshifted encoder, the target's own scale and the skip: the same loss and gradients as dense_loss."""
+    sae, x = _transcoder(arch, "skip_transcoder", sparsity_coeff=0.3)
+    with torch.no_grad():
+        sae.b_enc.sub_(sae.pre_acts(x[:, :D_IN] * sae.input_scale).quantile(0.985).item())  # ~1.5% fire
+        if arch == "jumprelu":  # the band reaches ε/2 = 1 below θ: θ above 1 keeps it about as sparse
+            sae.threshold.uniform_(1.0, 1.2)
+    x = x.double()
+    sae.double()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    names, params = zip(*sae.named_parameters())
+    picked = sae.firing(x[:, :D_IN] * sae.input_scale, sae.b_enc, 0.0 if arch == "standard" else sae.band_floor())
+    assert picked is not None  # the sparse path runs
+    fast, ref = sae.loss(x, dead, 1.0), sae.dense_loss(x, dead, 1.0)
+    assert torch.allclose(fast.loss, ref.loss, rtol=1e-10) and torch.equal(fast.fired, ref.fired)
+    for name, g, w in zip(names, torch.autograd.grad(fast.loss, params), torch.autograd.grad(ref.loss, params)):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-12), name
