@@ -853,6 +853,7 @@ class PairedModelStream(ModelStream):
         check_pair(model, model_b, self.site)
         self.d_in *= 2
         self.widths[self.site] *= 2  # the row of a site is [a^A ; a^B]
+        self.buffer_bytes *= 2  # ModelStream counted one model's half of each row
         name_b, fingerprint_b = model_identity(model_b)
         self.model_names = (self.model_name, name_b)
         self.model_name = f"{self.model_name} vs {name_b}"

@@ -6,6 +6,12 @@ line, or a bare string), a nanochat .parquet shard ("text" column), or a directo
 parquet shards at its top level is read like nanochat's data dir (the last shard is the validation split);
 otherwise every text and .jsonl file under it (hidden folders skipped) is read in sorted order.
 
+Two more sources are token rows, not text, for what reads a model's activations (collect, train, eval, viz,
+diff), not for train-lm: "chat", the tiny chat model's conversations about the standard library (see
+chat_conversations; val: the held-out subjects) rendered with nanochat's chat template and special tokens, as its
+SFT saw them; and several sources joined by "+" (e.g. "builtin+chat"), which take rows from each in turn, so a
+model's activations on its pretraining text and on chat come half and half.
+
 Splits: every 20th document is validation. A source with fewer than 20 documents (one text file, say) holds
 out the last 5% of each document instead, cut at a line break, so train and val never share text.
 """
@@ -50,6 +56,7 @@ TEXT_SUFFIXES = {
     ".yaml",
 }
 _USAGE = "pass a text/.jsonl/.parquet file, a directory of them, or 'builtin'"
+CHAT = "chat"  # the chat conversations, rendered as the SFT saw them (a source of token rows only)
 
 
 def _stdlib() -> Path:
@@ -199,8 +206,18 @@ def _resolve(source: str | os.PathLike | None) -> Path | None:
         return None
     path = Path(source).expanduser()
     if not path.exists():
+        if len(_parts(source)) > 1 or str(source) == CHAT:
+            raise NanosaeError(f"{source}: a source of token rows (SAEs, diff), not of text; {_USAGE}")
         raise NanosaeError(f"{path}: data source not found; {_USAGE}")
     return path
+
+
+def _parts(source: str | os.PathLike | None) -> list[str | os.PathLike | None]:
+    """The sources of a joined one ("builtin+chat"); a path that exists is one source even with a "+"."""
+    text = str(source)
+    if source is None or "+" not in text or Path(text).expanduser().exists():
+        return [source]
+    return text.split("+")
 
 
 def iter_documents(source: str | os.PathLike | None = None, split: str | None = "train") -> Iterator[str]:
@@ -253,31 +270,58 @@ def token_rows(
 ) -> Iterator[list[int]]:
     """Rows of exactly seq_len tokens, each starting with <|bos|>. A document longer than a row continues in
     the next row (after a fresh BOS); short documents are packed together, each after its own BOS. The tail
-    that does not fill a row is dropped."""
+    that does not fill a row is dropped. A joined source ("builtin+chat") gives a row of each part in turn; a
+    part that runs out (repeat=False) leaves the others to go on."""
     if seq_len < 2:
         raise NanosaeError("seq_len must be at least 2")
+    parts = _parts(source)
+    if len(parts) > 1:
+        yield from _in_turn([token_rows(tokenizer, p, seq_len, split, repeat, docs_per_encode) for p in parts])
+        return
     bos = tokenizer.bos_token_id
     row: list[int] = []
     while True:
         produced = False
-        docs = iter_documents(source, split)
-        while chunk := [d for _, d in zip(range(docs_per_encode), docs)]:
-            for ids in tokenizer.encode(chunk, prepend=bos):
-                i = 0
-                while i < len(ids):  # an index, not re-slicing: long documents stay linear time
-                    if not row and ids[i] != bos:  # a continuation: every row starts with BOS
-                        row.append(bos)
-                    take = seq_len - len(row)
-                    row.extend(ids[i : i + take])
-                    i += take
-                    if len(row) == seq_len:
-                        produced = True
-                        yield row
-                        row = []
+        for ids in _document_ids(tokenizer, source, split, docs_per_encode):
+            i = 0
+            while i < len(ids):  # an index, not re-slicing: long documents stay linear time
+                if not row and ids[i] != bos:  # a continuation: every row starts with BOS
+                    row.append(bos)
+                take = seq_len - len(row)
+                row.extend(ids[i : i + take])
+                i += take
+                if len(row) == seq_len:
+                    produced = True
+                    yield row
+                    row = []
         if not repeat:
             return
         if not produced:
             raise NanosaeError(f"source {source or 'builtin'} ({split}) holds too little text for one row")
+
+
+def _document_ids(tokenizer: Tokenizer, source, split: str | None, docs_per_encode: int) -> Iterator[list[int]]:
+    """Each document's tokens after its BOS; for "chat", each conversation as nanochat's chat SFT renders it."""
+    if str(source) == CHAT:
+        for s in ("train", "val") if split is None else (split,):
+            for conversation in chat_conversations(s):
+                yield tokenizer.render_conversation(conversation, max_tokens=1 << 30)[0]
+        return
+    docs = iter_documents(source, split)
+    while chunk := [d for _, d in zip(range(docs_per_encode), docs)]:
+        yield from tokenizer.encode(chunk, prepend=tokenizer.bos_token_id)
+
+
+def _in_turn(iterators: list[Iterator[list[int]]]) -> Iterator[list[int]]:
+    """One item of each iterator in turn, until all are exhausted."""
+    live = list(iterators)
+    while live:
+        for it in list(live):
+            item = next(it, None)
+            if item is None:
+                live.remove(it)
+            else:
+                yield item
 
 
 def token_batches(

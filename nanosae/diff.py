@@ -338,7 +338,7 @@ def _train(cfg: DiffConfig, ma, mb, tok, site: str, folder: Path) -> SAE:
             ma, mb, tok, site, cfg.data, cfg.batch_size, seed=cfg.seed, state=state, buffer_tokens=1 << 16
         )
 
-    [cc] = train(tcfg, stream, resume=resume)
+    [cc] = train(tcfg, stream, resume=resume, how_to_continue="run the same command again to continue from it")
     return cc
 
 

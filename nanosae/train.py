@@ -554,11 +554,13 @@ def train(
     eval_fn: Callable[[SAE], dict] | None = None,
     resume: bool = False,
     progress: bool = True,
+    how_to_continue: str = "continue with --resume",
 ) -> list[SAE]:
     """Train every SAE of `cfg` on the stream that stream_fn(state) builds (state: None, or the saved position
     when resuming) and save them as SAELens folders: cfg.out itself for one SAE, cfg.out/<name> for several, and
     with several sites cfg.out/<site> (one recipe) or cfg.out/<site>/<name>. eval_fn(sae) runs on the inference
-    SAE every eval_every steps and at the end; its dict is logged. Returns this process's SAEs."""
+    SAE every eval_every steps and at the end; its dict is logged. Returns this process's SAEs. how_to_continue
+    ends the message of a run stopped by Ctrl-C (a command that resumes by itself says so)."""
     out = Path(cfg.out)
     rank, world = dist_info()
     trainer, stream, first = _start(cfg, stream_fn, resume, out, rank, world)
@@ -597,7 +599,7 @@ def train(
                         bar.close()
                         print(
                             f"interrupted after step {done}/{steps}; checkpoint saved in "
-                            f"{out / checkpoint_name(cfg, rank)}; continue with --resume"
+                            f"{out / checkpoint_name(cfg, rank)}; {how_to_continue}"
                         )
                     raise KeyboardInterrupt
                 if evaluates and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:

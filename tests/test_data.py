@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -212,3 +213,22 @@ def test_token_bad_arguments(tok):
         next(data.token_rows(tok, None, 1))
     with pytest.raises(NanosaeError, match="batch_size"):
         next(data.token_batches(tok, None, 0, 16))
+
+
+def test_chat_source_is_the_sft_rendering_and_joined_sources_alternate(tok, tmp_path):
+    user = tok.encode_special("<|user_start|>")
+    rows = list(itertools.islice(data.token_rows(tok, "chat", 64, "val"), 40))
+    stream = [t for c in data.chat_conversations("val") for t in tok.render_conversation(c)[0]]
+    assert rows[0] == stream[:64]  # the held-out conversations as the SFT renders them, packed like documents
+    assert all(len(r) == 64 and r[0] == tok.bos_token_id for r in rows)
+    f = tmp_path / "a.txt"
+    f.write_text("plain text without any chat tokens, said over and over. " * 60)
+    text_rows = list(data.token_rows(tok, f, 64, None))
+    joined = list(data.token_rows(tok, f"{f}+chat", 64, None))
+    n = len(text_rows)
+    chat_rows = list(itertools.islice(data.token_rows(tok, "chat", 64, None), n + 1))
+    assert joined[: 2 * n] == [r for pair in zip(text_rows, chat_rows) for r in pair]  # a row of each in turn
+    assert any(user in r for r in chat_rows) and not any(user in r for r in text_rows)
+    assert len(joined) > 2 * n  # the text ran out first; the chat rows went on alone
+    with pytest.raises(NanosaeError, match="token rows"):
+        docs("builtin+chat")

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from nanosae import activations, lm_train
+from nanosae import activations, lm_train, load_model
 from nanosae.cli import main as cli_main
 from nanosae.diff import (
     PlantedPair,
@@ -176,7 +176,7 @@ def test_diff_end_to_end_resumes_and_reuses(pair, tmp_path, monkeypatch):
 
     monkeypatch.setattr(activations, "paired_model_stream", lambda *a, **k: Interrupting(real(*a, **k)))
     rc, text = run_cli(argv)
-    assert rc == 130 and "continue with --resume" in text
+    assert rc == 130 and "run the same command again to continue" in text and "--resume" not in text
     monkeypatch.setattr(activations, "paired_model_stream", real)
     rc, text = run_cli(argv)
     assert rc == 0, text
@@ -210,6 +210,15 @@ def test_diff_end_to_end_resumes_and_reuses(pair, tmp_path, monkeypatch):
 
     rc, text = run_cli(argv)  # everything done: reused
     assert rc == 0 and "reusing the crosscoder" in text
+
+
+def test_paired_stream_states_the_memory_of_its_doubled_rows(pair):
+    (ma, tok, _), (mb, _, _) = (load_model(pair, phase=p) for p in ("base", "sft"))
+    stream = activations.paired_model_stream(ma, mb, tok, "blocks.1.resid_post", None, 64, buffer_tokens=1024)
+    block = stream._load((0,))  # one shuffle block: 8 rows of 128 tokens, BOS dropped, each row [a^A ; a^B]
+    assert block.shape[1] == 64
+    held = block.numel() * block.element_size()
+    assert 0.95 * stream.buffer_bytes <= held <= stream.buffer_bytes  # what --max-memory counts is what is held
 
 
 def test_diff_bad_requests(pair, tmp_path):
