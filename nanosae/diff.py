@@ -13,7 +13,10 @@ a^m - â^m + f_j d_j^m (ε). In the model that owns j both are about 1; in the o
 latent has ν = β_other / β_own near 0 for both. ν^ε high: the other model's activations do carry the direction and
 the crosscoder left it in the error (Complete Shrinkage); ν^r high: other latents rebuild it there (Latent
 Decoupling). Either at or above the same ratio that made the latent exclusive by norm flags it as an artefact of
-training, not a difference between the models.
+training, not a difference between the models. The same test on a shared latent that fired, both ratios below it,
+finds it "redirected": shared by norm, but the direction its stronger model writes there is absent from the other
+model's activations on those tokens (the other decoder points elsewhere): the models read the same tokens
+differently, as when only the chat model has learned what its chat tokens mean.
 
 `run_diff` is `nanosae diff`: models -> paired activation stream -> crosscoder (resumable) -> both sides saved as
 ordinary SAEs -> statistics on held-out tokens -> diff.json, a histogram, a dashboard per side and an index of the
@@ -66,11 +69,13 @@ def decoder_cosines(cc: SAE) -> np.ndarray:
 
 
 @torch.no_grad()
-def latent_scaling(cc: SAE, batches, progress: bool = False) -> dict[str, np.ndarray]:
+def latent_scaling(cc: SAE, batches, progress: bool = False, top: int = 8) -> dict[str, np.ndarray]:
     """β per latent, model (A, B) and target (reconstruction "r", error "eps") over the paired batches x =
     [a^A ; a^B] (n, 2d), each latent along its own decoder in the model where that is larger; and the ratios
-    nu_r, nu_eps (other model's β over the owner's). Also each latent's firing count and activation sum, and the
-    crosscoder's explained variance in each model."""
+    nu_r, nu_eps (other model's β over the owner's). Also each latent's firing count and activation sum, its `top`
+    largest activations ("top_values", (d_sae, top)) and the rows they were on ("top_rows": indices into all the
+    rows of the batches, in order; -1 where it fired less often), and the crosscoder's explained variance in each
+    model."""
     from tqdm import tqdm
 
     W = cc.W_dec.detach().float()
@@ -84,23 +89,32 @@ def latent_scaling(cc: SAE, batches, progress: bool = False) -> dict[str, np.nda
     fired = torch.zeros(d_sae, dtype=torch.float64)
     f_sum = torch.zeros(d_sae, dtype=torch.float64)
     moments = torch.zeros(2, 3 + d, dtype=torch.float64)  # per model: tokens, Σ|e|^2, Σ|a|^2, Σ a (for the EV)
+    best = torch.zeros(top, d_sae), torch.full((top, d_sae), -1, dtype=torch.long)
+    seen = 0
     for x in tqdm(batches, desc="latent scaling", unit="batch", disable=not progress, leave=False):
         x = x.to(cc.device, torch.float32)
         f = cc.encode(x)
-        recon = cc.decode(f)
-        ff = (f * f).sum(0).double()
-        f2 += ff.cpu()
+        sparse_t = f.t().to_sparse()  # few latents fire per row: products with f cost its nonzeros, not n x d_sae
+        recon = torch.sparse.mm(sparse_t.t(), W) + cc.b_dec
+        # Σ_t f_j(t) y_t for y = the reconstruction and the error of both models, then <v_j, ·> per latent
+        sums = torch.sparse.mm(sparse_t, torch.cat([recon, x - recon], 1)).view(d_sae, 2, 2, d)
+        proj = (sums * V[:, None, None]).sum(-1).double().cpu()  # (d_sae, target (recon, error), model)
+        ff = (f * f).sum(0).double().cpu()
+        f2 += ff
         fired += (f > 0).sum(0).double().cpu()
         f_sum += f.sum(0).double().cpu()
         for m in range(2):
+            num[m, 0] += proj[:, 0, m]  # Σ_t f_j <v_j, â^m>
+            num[m, 1] += proj[:, 1, m] + ff * vd[:, m].double().cpu()  # latent j's own term put back
             part = slice(m * d, (m + 1) * d)
-            r = (f * (recon[:, part] @ V.t())).sum(0).double()  # Σ_t f_j <v_j, â^m>
-            e = (f * ((x[:, part] - recon[:, part]) @ V.t())).sum(0).double()
-            num[m, 0] += r.cpu()
-            num[m, 1] += (e + ff * vd[:, m].double()).cpu()  # latent j's own term back in the error
             a = x[:, part].double()
             err = (a - recon[:, part].double()).pow(2).sum()
             moments[m] += torch.cat([a.new_tensor([len(a), err, a.pow(2).sum()]), a.sum(0)]).cpu()
+        vals, rows = f.cpu().topk(min(top, len(f)), dim=0)
+        merged = torch.cat([best[0], vals]), torch.cat([best[1], rows + seen])
+        order = merged[0].topk(top, dim=0).indices
+        best = merged[0].gather(0, order), merged[1].gather(0, order)
+        seen += len(x)
     beta = num / (f2 * V.double().pow(2).sum(1).cpu()).clamp_min(1e-30)
     own = owner.cpu()
     other = 1 - own
@@ -116,6 +130,8 @@ def latent_scaling(cc: SAE, batches, progress: bool = False) -> dict[str, np.nda
         "nu_eps": nu[:, 1].numpy(),
         "fired": fired.numpy(),
         "f_sum": f_sum.numpy(),
+        "top_values": best[0].t().numpy(),
+        "top_rows": best[1].where(best[0] > 0, torch.tensor(-1)).t().numpy(),
     }
 
 
@@ -128,6 +144,13 @@ def artefacts(groups: np.ndarray, scaling: dict, ratio: float = 0.2) -> np.ndarr
     return exclusive & high & (scaling["fired"] > 0)
 
 
+def redirected(groups: np.ndarray, scaling: dict, ratio: float = 0.2) -> np.ndarray:
+    """Shared latents that fired whose direction in the model with the larger decoder the other model's
+    activations do not carry: ν^r and ν^ε both below `ratio` (see the module doc)."""
+    low = (np.abs(scaling["nu_r"]) < ratio) & (np.abs(scaling["nu_eps"]) < ratio)
+    return (groups == 1) & low & (scaling["fired"] > 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # planted truth: two "models" built from a shared dictionary plus atoms of their own
 
@@ -137,7 +160,8 @@ class PlantedPair:
     """Paired activations with a known answer. Shared atoms appear in both models (B's direction slightly
     rotated from A's: a fine-tune moves directions a little) with the same coefficient; A-only and B-only atoms
     appear in one model; `scaled` atoms are shared but B carries them at `scale` of A's strength (an L1
-    crosscoder tends to shrink their B decoder to zero: Complete Shrinkage). Each atom fires independently with
+    crosscoder tends to shrink their B decoder to zero: Complete Shrinkage); `redirected` atoms appear in both
+    models on the same tokens, with B's direction orthogonal to A's. Each atom fires independently with
     probability `active / n_atoms`, coefficient Exp(1) + 0.5; Gaussian noise of std `noise` per coordinate."""
 
     d: int = 48
@@ -145,6 +169,7 @@ class PlantedPair:
     a_only: int = 8
     b_only: int = 8
     scaled: int = 0
+    redirected: int = 0
     scale: float = 0.25
     rotate: float = 0.1
     active: float = 4.0
@@ -159,19 +184,22 @@ class PlantedPair:
         unit = torch.nn.functional.normalize
         A = unit(torch.randn(n, self.d, generator=g), dim=1)
         B = unit(A + self.rotate * unit(torch.randn(n, self.d, generator=g), dim=1), dim=1)
-        s, a = self.shared + self.scaled, self.a_only
+        s, a, b = self.shared + self.scaled, self.a_only, self.b_only
         B[self.shared : s] *= self.scale
         B[s : s + a] = 0  # A-only
-        A[s + a :] = 0  # B-only
+        A[s + a : s + a + b] = 0  # B-only
+        turn = B[s + a + b :] - (B[s + a + b :] * A[s + a + b :]).sum(1, keepdim=True) * A[s + a + b :]
+        B[s + a + b :] = unit(turn, dim=1)  # redirected: orthogonal to A's direction
         self.dirs_a, self.dirs_b = A, B
 
     @property
     def n_atoms(self) -> int:
-        return self.shared + self.scaled + self.a_only + self.b_only
+        return self.shared + self.scaled + self.a_only + self.b_only + self.redirected
 
     def truth(self) -> np.ndarray:
-        """Per atom: 0 A-only, 1 shared, 2 B-only, 3 scaled (shared, weak in B)."""
-        return np.array([1] * self.shared + [3] * self.scaled + [0] * self.a_only + [2] * self.b_only)
+        """Per atom: 0 A-only, 1 shared, 2 B-only, 3 scaled (shared, weak in B), 4 redirected."""
+        kinds = [1] * self.shared + [3] * self.scaled + [0] * self.a_only + [2] * self.b_only
+        return np.array(kinds + [4] * self.redirected)
 
     def sample(self, n: int, g: torch.Generator) -> torch.Tensor:
         """n paired rows [a^A ; a^B] (n, 2d)."""
@@ -202,17 +230,17 @@ class DiffConfig:
     step: tuple[int, ...] = ()  # their checkpoint steps, in order (default: each one's latest)
     layer: int | None = None  # None: the middle layer (n_layer // 2)
     site: str = "resid_post"
-    data: str | None = None  # None: the built-in corpus
+    data: str = "builtin+chat"  # a source; builtin+chat: a row of the built-in text, then one of chat, in turn
     arch: str = "crosscoder"  # crosscoder (BatchTopK, decoder-norm-weighted) | crosscoder_l1 (L1 on summed norms)
     k: int = 32  # crosscoder: active latents per token, on average over the batch
-    expansion: int = 8  # latents = expansion x the concatenated width (2 x the model's)
+    expansion: int = 4  # latents = expansion x the concatenated width (2 x the model's)
     sparsity_coeff: float | None = None  # crosscoder_l1: λ (None: its default)
-    lr: float | None = None  # None: the width rule, 2e-4 / sqrt(d_sae / 2^14)
-    tokens: int = 1_000_000  # training tokens, each a pair of activations
+    lr: float | None = 5e-3  # Adam (the SAEs' width rule, 2e-4 / sqrt(d_sae / 2^14), is slow for a run this short)
+    tokens: int = 300_000  # training tokens, each a pair of activations
     batch_size: int = 4096
     ratio: float = 0.2  # exclusive when the weaker decoder norm is below ratio x the stronger (and Latent Scaling)
-    eval_tokens: int = 65_536  # held-out tokens for Latent Scaling and the explained variance
-    viz_tokens: int = 131_072  # tokens per side for the dashboards' contexts
+    eval_tokens: int = 65_536  # held-out tokens: Latent Scaling, explained variance, what each latent fires on
+    viz_tokens: int = 32_768  # tokens per side for its dashboard (the summary reads the held-out pairs)
     device: str = "cpu"
     seed: int = 0
     force: bool = False  # train again even if this folder holds a finished crosscoder
@@ -266,8 +294,9 @@ def _load_pair(cfg: DiffConfig, specs: list[dict]):
     return ma, mb, ta
 
 
-def _paired_batches(ma, mb, tok, site: str, data, n_tokens: int, rows: int = 16):
-    """Held-out paired activations [a^A ; a^B] (BOS dropped), `rows` token rows per batch, n_tokens in all."""
+def _paired_batches(ma, mb, tok, site: str, data, n_tokens: int, tokens: list, rows: int = 16):
+    """Held-out paired activations [a^A ; a^B] (BOS dropped), `rows` token rows per batch, n_tokens in all. Appends
+    to `tokens` each batch's token rows, flattened, with the position in them of every activation row it yields."""
     import itertools
 
     from .data import token_rows
@@ -275,15 +304,50 @@ def _paired_batches(ma, mb, tok, site: str, data, n_tokens: int, rows: int = 16)
 
     seq_len = ma.config.sequence_len
     it = token_rows(tok, data, seq_len, "val", repeat=True)
-    left = n_tokens
+    left, offset = n_tokens, 0
     with torch.no_grad():
         while left > 0:
             ids = torch.tensor(list(itertools.islice(it, rows)), dtype=torch.long)
             acts = [run_with_cache(m, ids.to(m.device), [site], stop_early=True)[1][site] for m in (ma, mb)]
             x = torch.cat([a.reshape(-1, a.shape[-1]).float() for a in acts], dim=1)
-            x = x[(ids != tok.bos_token_id).flatten().to(x.device)][:left]
+            keep = (ids != tok.bos_token_id).flatten()
+            x = x[keep.to(x.device)][:left]
+            tokens.append((ids.flatten(), keep.nonzero().flatten()[: len(x)] + offset))
+            offset += ids.numel()
             left -= len(x)
             yield x
+
+
+def _fires_on(tok, tokens: list, scaling: dict, seq_len: int) -> list[dict]:
+    """Per latent, from its top activations on the held-out pairs: the tokens it fires on most often there (most
+    frequent first) and its strongest context (text before, the token, text after: within its token row)."""
+    import collections
+
+    ids = torch.cat([t for t, _ in tokens]).tolist()
+    where = torch.cat([p for _, p in tokens]).tolist()
+    text = {}
+
+    def piece(t: int) -> str:
+        if t not in text:
+            text[t] = tok.decode([t])
+        return text[t]
+
+    out = []
+    for rows in scaling["top_rows"]:
+        pos = [where[r] for r in rows if r >= 0]
+        if not pos:
+            out.append({"top_tokens": [], "context": ("", "", "")})
+            continue
+        top = collections.Counter(piece(ids[p]) for p in pos).most_common(3)
+        p = pos[0]
+        start = p - p % seq_len + 1  # after the row's BOS
+        context = (
+            "".join(piece(t) for t in ids[max(start, p - 24) : p]),
+            piece(ids[p]),
+            "".join(piece(t) for t in ids[p + 1 : min(p + 5, start - 1 + seq_len)]),
+        )
+        out.append({"top_tokens": [t for t, _ in top], "context": context})
+    return out
 
 
 def _train(cfg: DiffConfig, ma, mb, tok, site: str, folder: Path) -> SAE:
@@ -372,8 +436,9 @@ def _context(stats, i: int) -> tuple[str, str, str]:
     return "".join(toks[: e["index"]]), toks[e["index"]], "".join(toks[e["index"] + 1 :])
 
 
-def _latent_rows(groups, rel, cos, scaling, flagged, stats_a, stats_b) -> list[dict]:
-    """One record per latent for diff.json and the index page."""
+def _latent_rows(groups, rel, cos, scaling, flagged, turned, fires, stats_a, stats_b) -> list[dict]:
+    """One record per latent for diff.json and the index page: what it fires on from the held-out pairs (exact),
+    and from each side's dashboard (that side alone, special tokens not counted)."""
     n = max(scaling["tokens"], 1)
     rows = []
     for i in range(len(groups)):
@@ -387,6 +452,9 @@ def _latent_rows(groups, rel, cos, scaling, flagged, stats_a, stats_b) -> list[d
                 "nu_r": round(float(scaling["nu_r"][i]), 4),
                 "nu_eps": round(float(scaling["nu_eps"][i]), 4),
                 "artefact": bool(flagged[i]),
+                "redirected": bool(turned[i]),
+                "top_tokens": fires[i]["top_tokens"],
+                "context": fires[i]["context"],
                 "top_tokens_a": [stats_a.vocab[t] for t in stats_a.top_tokens(i, 3)],
                 "top_tokens_b": [stats_b.vocab[t] for t in stats_b.top_tokens(i, 3)],
             }
@@ -419,8 +487,8 @@ def _histogram(rel: np.ndarray, groups: np.ndarray, labels: list[str], ratio: fl
 
 
 def _index_page(summary: dict, rows: list[dict], ctx: dict, out: Path) -> Path:
-    """dashboard/index.html: the three groups, each latent with its strongest context in each model and links to
-    its page in both models' dashboards (a/, b/). Token text is escaped."""
+    """dashboard/index.html: the three groups, each latent with its strongest context on the held-out pairs, its
+    strongest context in each side's dashboard and links to its page there (a/, b/). Token text is escaped."""
     la, lb = summary["labels"]
     e = html.escape
     parts = [
@@ -430,19 +498,29 @@ def _index_page(summary: dict, rows: list[dict], ctx: dict, out: Path) -> Path:
         f"<h1>{e(la)} vs {e(lb)} at {e(summary['site'])}</h1>",
         f"<p>{e(summary['models'][0])} (A) vs {e(summary['models'][1])} (B); {summary['d_sae']} latents; "
         f"explained variance A {summary['explained_variance'][0]:.3f}, B {summary['explained_variance'][1]:.3f}. "
-        "Grey rows: Latent Scaling flags the exclusivity as an artefact.</p>",
+        "Grey rows: Latent Scaling flags the exclusivity as an artefact. Redirected: shared latents whose direction "
+        "in the model with the larger decoder the other model's activations lack (ν<sub>r</sub>, ν<sub>ε</sub> below "
+        "the ratio). Held-out pairs: the strongest activation "
+        "of the crosscoder on held-out tokens of both models; A alone, B alone: that side as an SAE on its own model "
+        "(special tokens not counted).</p>",
         "<p><img src='../relative_norms.png' alt='histogram of relative decoder norms'></p><p>",
     ]
-    titles = {"a_only": f"{la}-only", "shared": "shared", "b_only": f"{lb}-only"}
-    parts += [f"<a href='#{g}'>{e(titles[g])} ({summary['counts'][g]})</a> · " for g in GROUPS] + ["</p>"]
-    for g in GROUPS:
+    titles = {"a_only": f"{la}-only", "redirected": "redirected (shared)", "shared": "shared", "b_only": f"{lb}-only"}
+    counts = {**summary["counts"], "redirected": sum(summary["redirected"].values())}
+    parts += [f"<a href='#{g}'>{e(titles[g])} ({counts[g]})</a> · " for g in titles] + ["</p>"]
+    for g in titles:
         parts.append(
             f"<h2 id='{g}'>{e(titles[g])}</h2><table><tr><th>latent</th><th>r</th><th>cos</th>"
-            f"<th>density</th><th>ν<sub>r</sub> / ν<sub>ε</sub></th><th>{e(la)}</th><th>{e(lb)}</th></tr>"
+            f"<th>density</th><th>ν<sub>r</sub> / ν<sub>ε</sub></th><th>held-out pairs</th><th>{e(la)} alone</th>"
+            f"<th>{e(lb)} alone</th></tr>"
         )
-        for r in sorted((r for r in rows if r["group"] == g), key=lambda r: -r["density"]):
+        members = (r for r in rows if r["group"] == g or (g == "redirected" and r["redirected"]))
+        for r in sorted(members, key=lambda r: -r["density"]):
             i = r["latent"]
-            cells = []
+            before, tok, after = r["context"]
+            cells = [
+                f"<td><code>{e(before[-60:])}<mark>{e(tok)}</mark>{e(after[:20])}</code></td>" if tok else "<td>—</td>"
+            ]
             for side in "ab":
                 before, tok, after = ctx[side][i]
                 text = f"<code>{e(before[-60:])}<mark>{e(tok)}</mark>{e(after[:20])}</code>" if tok else "—"
@@ -497,10 +575,12 @@ def run_diff(cfg: DiffConfig) -> dict:
     times["train"] = time.perf_counter() - t
 
     t = _stage(3, f"Latent Scaling and explained variance on {cfg.eval_tokens:,} held-out tokens")
-    batches = _paired_batches(ma, mb, tok, site, cfg.data, cfg.eval_tokens)
+    tokens: list = []
+    batches = _paired_batches(ma, mb, tok, site, cfg.data, cfg.eval_tokens, tokens)
     scaling = latent_scaling(cc, batches, progress=True)
+    fires = _fires_on(tok, tokens, scaling, ma.config.sequence_len)
     groups, rel, cos = classify(cc, cfg.ratio), relative_norms(cc), decoder_cosines(cc)
-    flagged = artefacts(groups, scaling, cfg.ratio)
+    flagged, turned = artefacts(groups, scaling, cfg.ratio), redirected(groups, scaling, cfg.ratio)
     times["scaling"] = time.perf_counter() - t
 
     t = _stage(4, f"contexts: each side's latents over {cfg.viz_tokens:,} tokens of its own model")
@@ -516,7 +596,7 @@ def run_diff(cfg: DiffConfig) -> dict:
     dash = out / "dashboard"
     for side in "ab":
         write_dashboard(stats[side], dash / side)
-    rows = _latent_rows(groups, rel, cos, scaling, flagged, stats["a"], stats["b"])
+    rows = _latent_rows(groups, rel, cos, scaling, flagged, turned, fires, stats["a"], stats["b"])
     ctx = {side: [_context(stats[side], i) for i in range(len(rows))] for side in "ab"}
     counts = {g: int((groups == j).sum()) for j, g in enumerate(GROUPS)}
     summary = {
@@ -534,7 +614,8 @@ def run_diff(cfg: DiffConfig) -> dict:
         "counts": counts,
         "artefacts": {g: int((flagged & (groups == j)).sum()) for j, g in enumerate(GROUPS)},
         "shared_cos_median": float(np.median(cos[groups == 1])) if counts["shared"] else None,
-        "examples": _examples(rows, ctx),
+        "redirected": {side: int((turned & ((rel > 0.5) == (side == "b"))).sum()) for side in "ab"},
+        "examples": _examples(rows),
         "files": {
             "crosscoder": str(folder),
             "side_a": str(folder / "a"),
@@ -554,15 +635,14 @@ def run_diff(cfg: DiffConfig) -> dict:
     return summary
 
 
-def _examples(rows: list[dict], ctx: dict, n: int = 4) -> dict[str, list[dict]]:
-    """The n most frequent exclusive latents of each side that Latent Scaling does not flag, with their strongest
-    context in the model that owns them."""
+def _examples(rows: list[dict], n: int = 4) -> dict[str, list[dict]]:
+    """The n most frequent exclusive latents of each side that Latent Scaling does not flag, and the 2n most
+    frequent redirected shared latents (the tiny pair has no exclusive ones)."""
     found = {}
-    for g, side in (("a_only", "a"), ("b_only", "b")):
-        keep = sorted(
-            (r for r in rows if r["group"] == g and not r["artefact"] and r["density"] > 0), key=lambda r: -r["density"]
-        )[:n]
-        found[g] = [{**r, "context": ctx[side][r["latent"]]} for r in keep]
+    for g in ("a_only", "b_only"):
+        keep = (r for r in rows if r["group"] == g and not r["artefact"] and r["density"] > 0)
+        found[g] = sorted(keep, key=lambda r: -r["density"])[:n]
+    found["redirected"] = sorted((r for r in rows if r["redirected"]), key=lambda r: -r["density"])[: 2 * n]
     return found
 
 
@@ -581,22 +661,34 @@ def print_summary(s: dict) -> None:
         + f"   {lb}-only {c['b_only']} ({a['b_only']} flagged)"
     )
     for g, label in (("b_only", lb), ("a_only", la)):
-        print(
-            f"{label}-only latents, most frequent first:" if s["examples"][g] else f"no unflagged {label}-only latents"
-        )
+        if not s["examples"][g]:
+            print(f"no {label}-only latents" + (" that Latent Scaling does not flag" if c[g] else ""))
+            continue
+        print(f"{label}-only latents, most frequent first (on held-out tokens):")
         for r in s["examples"][g]:
-            before, tok, after = r["context"]
-            where = f"  e.g. {(before[-40:] + '[' + tok + ']' + after[:12])!r}" if tok else ""
-            top = r["top_tokens_b"] if g == "b_only" else r["top_tokens_a"]
-            print(
-                f"  #{r['latent']:<5d} r={r['relative_norm']:.2f} density {r['density']:.1e}"
-                f"  fires on {', '.join(repr(t) for t in top)}{where}"
-            )
+            _print_latent(r, f"r={r['relative_norm']:.2f}")
+    red = s["redirected"]
+    print(
+        f"redirected  {red['b']} shared latents: what {lb} writes on their tokens is absent from {la}'s activations;\n"
+        f"            {red['a']} the other way round (Latent Scaling ν_r, ν_ε < {s['config']['ratio']:g})"
+    )
+    if s["examples"]["redirected"]:
+        print("redirected latents, most frequent first (whose direction, decoder cosine):")
+    for r in s["examples"]["redirected"]:
+        _print_latent(r, f"{lb if r['relative_norm'] > 0.5 else la:>4}, cos={r['cos']:.2f}")
     f = s["files"]
     print(f"files       {f['diff_json']}  {f['histogram']}")
-    print(f"dashboard   {f['dashboard']}  (the three groups; each latent's contexts in both models)")
+    print(f"dashboard   {f['dashboard']}  (the three groups and the redirected latents, with contexts)")
     print(f"as SAEs     {f['side_a']} ({la}), {f['side_b']} ({lb}): usable with eval, viz, chat")
     print(bar)
+
+
+def _print_latent(r: dict, what: str) -> None:
+    before, tok, after = r["context"]
+    where = f"  e.g. {(before[-32:] + '[' + tok + ']' + after[:12])!r}" if tok else ""
+    print(
+        f"  #{r['latent']:<5d} {what} density {r['density']:.1e}  fires on {', '.join(map(repr, r['top_tokens']))}{where}"
+    )
 
 
 def train_planted(planted: PlantedPair, arch: str, steps: int, batch: int = 1024, **extra) -> SAE:

@@ -7,6 +7,7 @@ import json
 import re
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,14 +15,18 @@ from nanosae import activations, lm_train, load_model
 from nanosae.cli import main as cli_main
 from nanosae.diff import (
     PlantedPair,
+    _fires_on,
+    _paired_batches,
     artefacts,
     classify,
     latent_scaling,
     match_planted,
     planted_artefacts,
+    redirected,
     train_planted,
 )
 from nanosae.errors import NanosaeError
+from nanosae.hooks import run_with_cache
 from nanosae.lm_train import SFTConfig, TinyConfig
 from nanosae.sae import SAETrainConfig, crosscoder_norms, crosscoder_side, load_crosscoder, load_sae, training_sae
 
@@ -92,6 +97,38 @@ def test_each_side_is_the_crosscoder_fed_one_models_activations_twice():
         assert sae.cfg.d_in == 6 and sae.cfg.model_name == "m"
 
 
+def test_latent_scaling_is_its_definition_and_keeps_each_latents_top_rows():
+    torch.manual_seed(0)
+    cc = training_sae(SAETrainConfig(arch="crosscoder", d_sae=40, k=4), 16).to_inference()
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(40, 1) + 0.5)
+        cc.threshold.fill_(0.3)
+        cc.threshold[:4] = 1e6  # never fire
+    batches = [torch.randn(n, 16) for n in (50, 7, 64)]
+    got = latent_scaling(cc, batches, top=3)
+    # the definition, dense and in float64: β = Σ_t f_j <v_j, y_t> / (|v_j|^2 Σ_t f_j^2), y = â^m or a^m - â^m + f_j d_j^m
+    x = torch.cat(batches).double()
+    with torch.no_grad():
+        f = cc.encode(x.float()).double()
+    W = cc.W_dec.detach().double()
+    D = W.view(40, 2, 8)
+    V = D[torch.arange(40), crosscoder_norms(W).argmax(1)]
+    recon = f @ W + cc.b_dec.detach().double()
+    f2 = (f * f).sum(0)
+    for m in range(2):
+        rec, a = recon[:, 8 * m : 8 * (m + 1)], x[:, 8 * m : 8 * (m + 1)]
+        beta_r = (f * (rec @ V.t())).sum(0) / (V.pow(2).sum(1) * f2)
+        beta_e = ((f * ((a - rec) @ V.t())).sum(0) + f2 * (D[:, m] * V).sum(1)) / (V.pow(2).sum(1) * f2)
+        fired = f2 > 0
+        torch.testing.assert_close(torch.from_numpy(got["beta"][m, 0])[fired], beta_r[fired], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(got["beta"][m, 1])[fired], beta_e[fired], rtol=1e-4, atol=1e-5)
+    assert fired.sum() > 20 and not fired[:4].any()
+    assert (got["top_rows"][:4] == -1).all()
+    vals, rows = f.topk(3, dim=0)
+    assert (got["top_rows"] == rows.where(vals > 0, -1).t().numpy()).all()  # rows across batches, in order
+    torch.testing.assert_close(torch.from_numpy(got["top_values"]).double(), vals.t(), rtol=1e-5, atol=1e-6)
+
+
 # --- planted truth ------------------------------------------------------------------------------------------
 
 
@@ -124,6 +161,23 @@ def test_planted_exclusive_and_shared_atoms_and_artefacts():
     assert bad_scaling["nu_eps"][shrink] > 0.8  # A's error holds the direction its decoder lost
     assert bad_scaling["nu_r"][split] > 0.8  # B's reconstruction holds it through the twin
     assert bad_flagged[exclusive].mean() <= 0.1
+
+
+def test_latent_scaling_finds_shared_atoms_whose_direction_changed():
+    planted = PlantedPair(shared=32, a_only=4, b_only=4, redirected=8)
+    cc = train_planted(planted, "crosscoder", 300)
+    groups = classify(cc)
+    latent, cos = match_planted(cc, planted)
+    truth = planted.truth()
+    g = torch.Generator().manual_seed(7)
+    scaling = latent_scaling(cc, [planted.sample(4096, g) for _ in range(3)])
+    turned = redirected(groups, scaling)
+    found = cos > 0.9
+    is_turned, is_shared = (truth == 4) & found, (truth == 1) & found
+    assert is_turned.sum() >= 6 and is_shared.sum() >= 28
+    assert (groups[latent[is_turned]] == 1).all()  # by decoder norm they are shared
+    assert turned[latent[is_turned]].mean() >= 0.8 and turned[latent[is_shared]].mean() <= 0.1
+    assert not turned[groups != 1].any()
 
 
 # --- nanosae diff ---------------------------------------------------------------------------------------------
@@ -191,6 +245,16 @@ def test_diff_end_to_end_resumes_and_reuses(pair, tmp_path, monkeypatch):
     for r in rows:  # the group follows the relative norm with the default ratio 0.2 (r < 1/6: A-only, > 5/6: B-only)
         assert r["group"] == ("a_only" if r["relative_norm"] < 1 / 6 else "b_only" if r["relative_norm"] > 5 / 6
                               else "shared") or abs(r["relative_norm"] - 1 / 6) < 1e-3 or abs(r["relative_norm"] - 5 / 6) < 1e-3  # fmt: skip
+    for r in rows:  # redirected: shared, fired, both Latent Scaling ratios below 0.2 (the rows round them)
+        low = abs(r["nu_r"]) < 0.2 and abs(r["nu_eps"]) < 0.2
+        assert r["redirected"] == (r["group"] == "shared" and r["density"] > 0 and low) or min(
+            abs(abs(r["nu_r"]) - 0.2), abs(abs(r["nu_eps"]) - 0.2)) < 1e-3  # fmt: skip
+    turned = result["examples"]["redirected"]
+    assert [r["density"] for r in turned] == sorted((r["density"] for r in turned), reverse=True)
+    assert len(turned) == min(8, sum(r["redirected"] for r in rows)) and all(r["redirected"] for r in turned)
+    assert sum(result["redirected"].values()) == sum(r["redirected"] for r in rows) and "redirected" in text
+    fired = [r for r in rows if r["density"] > 0]
+    assert fired and all(r["top_tokens"] and r["context"][1] for r in fired)
     assert (out / "relative_norms.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "dashboard" / "index.html").read_text()
     assert "a/index.html#/f/0" in page and "b/index.html#/f/0" in page and "chat-only" in page
@@ -219,6 +283,27 @@ def test_paired_stream_states_the_memory_of_its_doubled_rows(pair):
     assert block.shape[1] == 64
     held = block.numel() * block.element_size()
     assert 0.95 * stream.buffer_bytes <= held <= stream.buffer_bytes  # what --max-memory counts is what is held
+
+
+def test_held_out_contexts_point_at_the_tokens_of_the_activations(pair):
+    (ma, tok, _), (mb, _, _) = (load_model(pair, phase=p) for p in ("base", "sft"))
+    site = "blocks.1.resid_post"
+    tokens = []
+    x = torch.cat(list(_paired_batches(ma, mb, tok, site, "builtin+chat", 1500, tokens, rows=4)))
+    assert len(x) == 1500
+    ids, where = torch.cat([t for t, _ in tokens]), torch.cat([w for _, w in tokens])
+    assert len(where) == 1500 and (ids[where] != tok.bos_token_id).all()
+    user = tok.encode_special("<|user_start|>")
+    r = int((ids[where] == user).nonzero()[0])  # an activation row on a chat token
+    row, col = divmod(int(where[r]), 128)
+    for m, half in ((ma, x[r, :32]), (mb, x[r, 32:])):
+        _, acts = run_with_cache(m, ids[row * 128 : (row + 1) * 128][None], [site])
+        torch.testing.assert_close(acts[site][0, col].float(), half)
+    fires = _fires_on(tok, tokens, {"top_rows": np.array([[r, r, -1], [-1, -1, -1]])}, 128)
+    before, token, after = fires[0]["context"]
+    assert token == "<|user_start|>" and fires[0]["top_tokens"] == ["<|user_start|>"]
+    assert tok.decode(ids[row * 128 + 1 : row * 128 + col].tolist()).endswith(before)  # its row, after the BOS
+    assert fires[1] == {"top_tokens": [], "context": ("", "", "")}
 
 
 def test_diff_bad_requests(pair, tmp_path):
