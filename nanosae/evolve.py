@@ -183,10 +183,7 @@ def measure(
             _, acts = run_with_cache(model, idx, [site_in, site])
             x = acts[site]
             vals, ids = sae.encode_sparse(acts[site_in])
-            flat = F.embedding_bag(ids.flatten(0, 1), sae.W_dec, per_sample_weights=vals.flatten(0, 1), mode="sum")
-            xh = flat.view(*ids.shape[:-1], -1) + sae.b_dec
-            if sae.cfg.skip:
-                xh = xh + acts[site_in].to(sae.W_skip.dtype) @ sae.W_skip.T
+            xh = sae.decode_sparse(vals, ids, acts[site_in])
         stats.update(x, (vals, ids), xh, keep)
         vals = (vals.float() * keep[..., None]).flatten(0, 1)
         ids = ids.flatten(0, 1)

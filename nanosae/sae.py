@@ -172,12 +172,20 @@ class SAE(nn.Module):
 
     def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The output of latents f; a skip-transcoder adds its skip term, so it needs the input x as well."""
-        out = f @ self.W_dec + self.b_dec
-        if self.cfg.skip:
-            if x is None:
-                raise NanosaeError("a skip-transcoder's output depends on its input too: call decode(f, x)")
-            out = out + x.to(self.W_skip.dtype) @ self.W_skip.T
-        return out
+        return self._with_skip(f @ self.W_dec + self.b_dec, x)
+
+    def decode_sparse(self, vals: torch.Tensor, ids: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """decode of the latents encode_sparse gives, (values, ids) each (..., n), without the dense latents."""
+        n = ids.shape[-1]
+        flat = F.embedding_bag(ids.reshape(-1, n), self.W_dec, per_sample_weights=vals.reshape(-1, n), mode="sum")
+        return self._with_skip(flat.view(*ids.shape[:-1], -1) + self.b_dec, x)
+
+    def _with_skip(self, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        if not self.cfg.skip:
+            return out
+        if x is None:
+            raise NanosaeError("a skip-transcoder's output depends on its input too: call decode(f, x)")
+        return out + x.to(self.W_skip.dtype) @ self.W_skip.T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
