@@ -37,6 +37,9 @@ class DemoConfig:
     batch_size: int = 4096
     expansion: int = 16
     k: int = 32
+    # Adam lr: 10x the width rule's 4.6e-4 (tuned for billions of tokens); on the tiny model's 4M tokens 4e-3 reached
+    # explained variance 0.91 where the rule gave 0.85 (README, "The demo")
+    lr: float = 4e-3
     eval_tokens: int = 98_304
     viz_tokens: int = 262_144
     device: str = "cpu"
@@ -57,7 +60,7 @@ def _train_sae(cfg: DemoConfig, model, tok, model_path: str, site: str, acts_dir
     from .train import CHECKPOINT, TrainConfig, changed_settings, read_checkpoint, train
 
     tcfg = TrainConfig(
-        saes=[SAETrainConfig(arch="topk", k=cfg.k, expansion=cfg.expansion)],
+        saes=[SAETrainConfig(arch="topk", k=cfg.k, expansion=cfg.expansion, lr=cfg.lr)],
         tokens=cfg.tokens,
         batch_size=cfg.batch_size,
         seed=cfg.seed,

@@ -54,6 +54,8 @@ def test_demo_runs_every_stage_and_summarises(demo, capsys, monkeypatch, tmp_pat
     eval_metrics = json.loads((out / "sae" / "eval_core.json").read_text())["eval_result_metrics"]
     assert eval_metrics["sparsity"]["l0"] == s["l0"]
     assert set(s["seconds"]) == {"model", "collect", "train", "eval", "features", "dashboard", "export", "total"}
+    logged = [json.loads(line) for line in (out / "sae" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("lr", 0) for r in logged) == pytest.approx(4e-3)  # the demo's lr, not the width rule's
     for f in s["striking"]:  # what the summary names is what the statistics hold
         assert f["top_tokens"] and 0 < f["purity"] <= 1 and f["density"] > 0
     assert "explained variance" in printed
@@ -128,9 +130,10 @@ def test_demo_reuses_a_finished_run(demo, capsys):
 def test_demo_refuses_to_overwrite_other_settings(demo, capsys):
     out, argv = demo
     weights = (out / "sae" / "sae_weights.safetensors").read_bytes()
-    assert main([*argv, "--k", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "other settings" in err and "--force" in err and "Traceback" not in err
+    for change in (["--k", "4"], ["--lr", "1e-3"]):
+        assert main([*argv, *change]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and "--force" in err and "Traceback" not in err
     assert (out / "sae" / "sae_weights.safetensors").read_bytes() == weights  # nothing lost
 
 
