@@ -670,7 +670,11 @@ class ModelStream(ActivationStream):
     of them: what a one-process stream gives at those sites.
 
     With `targets` {site: target site} (transcoders), the forward also reads each target, and a site's rows are
-    [activations at the site | at its target] (width widths[site], the target's part target_widths[site])."""
+    [activations at the site | at its target] (width widths[site], the target's part target_widths[site]).
+
+    With `passes` P > 1 each fill is served P times, each time permuted anew, before the next is computed: P times
+    the training rows for the same forwards (for runs, like `nanosae diff`'s, whose forwards cost more than the SAE
+    steps)."""
 
     def __init__(
         self,
@@ -689,8 +693,12 @@ class ModelStream(ActivationStream):
         split: str | None = "train",
         owned: list[str] | None = None,
         targets: dict[str, str] | None = None,
+        passes: int = 1,
     ):
         self.model, self.tokenizer, self.source, self.split = model, tokenizer, source, split
+        if passes < 1:
+            raise NanosaeError(f"passes must be at least 1, got {passes}")
+        self.passes, self._held = passes, None
         sites = [site] if isinstance(site, str) else list(site)
         self.sites = list(dict.fromkeys(canonical_site(s, model) for s in sites))
         self.owned = None if owned is None else [canonical_site(s, model) for s in owned]
@@ -733,6 +741,7 @@ class ModelStream(ActivationStream):
             "seed": seed,
             "buffer_tokens": buffer_tokens,
             "forward_rows": self.forward_rows,
+            **({"passes": passes} if passes > 1 else {}),
         }
         # the shuffle buffer's peak: the block, and with several ranks the gathered fill it is made of
         copies = 2 if world_size > 1 else 1
@@ -762,7 +771,10 @@ class ModelStream(ActivationStream):
         return torch.tensor(rows, dtype=torch.long)
 
     def _load(self, bid: tuple[int, ...]) -> torch.Tensor:
-        ids = self._fill_tokens(bid[0])
+        fill = bid[0] // self.passes  # with passes > 1 a fill serves that many blocks, each permuted anew
+        if self._held is not None and self._held[0] == fill:
+            return self._held[1]
+        ids = self._fill_tokens(fill)
         batches = ids.split(self.forward_rows)
         keep = (ids != self.tokenizer.bos_token_id).to(self.model.device)
         # the block is allocated once and filled forward by forward (BOS dropped): one fill in memory, not two
@@ -777,6 +789,8 @@ class ModelStream(ActivationStream):
                 rows = a[k.flatten()]
                 block[at : at + len(rows)] = rows
                 at += len(rows)
+        if self.passes > 1:
+            self._held = (fill, block)
         return block
 
     def _distributed(self) -> bool:

@@ -235,8 +235,9 @@ class DiffConfig:
     k: int = 32  # crosscoder: active latents per token, on average over the batch
     expansion: int = 4  # latents = expansion x the concatenated width (2 x the model's)
     sparsity_coeff: float | None = None  # crosscoder_l1: λ (None: its default)
-    lr: float | None = 5e-3  # Adam (the SAEs' width rule, 2e-4 / sqrt(d_sae / 2^14), is slow for a run this short)
-    tokens: int = 300_000  # training tokens, each a pair of activations
+    lr: float | None = 1e-2  # Adam (the SAEs' width rule, 2e-4 / sqrt(d_sae / 2^14), is slow for a run this short)
+    tokens: int = 3_500_000  # training rows, each a pair of activations
+    passes: int = 7  # each paired forward trains this many shuffled passes: forwards for tokens / passes tokens
     batch_size: int = 4096
     ratio: float = 0.2  # exclusive when the weaker decoder norm is below ratio x the stronger (and Latent Scaling)
     eval_tokens: int = 65_536  # held-out tokens: Latent Scaling, explained variance, what each latent fires on
@@ -397,9 +398,21 @@ def _train(cfg: DiffConfig, ma, mb, tok, site: str, folder: Path) -> SAE:
             print(f"resuming the crosscoder in {folder} from step {saved['step']}")
             resume = True
 
+    # a shuffle block of up to 256k pairs (384 MiB for the tiny pair's 2 x 192 fp32 columns), no more than needed
+    buffer = min(1 << 18, max(cfg.tokens // cfg.passes, 4 * cfg.batch_size, ma.config.sequence_len))
+
     def stream(state):
         return paired_model_stream(
-            ma, mb, tok, site, cfg.data, cfg.batch_size, seed=cfg.seed, state=state, buffer_tokens=1 << 16
+            ma,
+            mb,
+            tok,
+            site,
+            cfg.data,
+            cfg.batch_size,
+            seed=cfg.seed,
+            state=state,
+            buffer_tokens=buffer,
+            passes=cfg.passes,
         )
 
     [cc] = train(tcfg, stream, resume=resume, how_to_continue="run the same command again to continue from it")
@@ -552,6 +565,10 @@ def run_diff(cfg: DiffConfig) -> dict:
     out = Path(cfg.out).expanduser()
     if not 0 < cfg.ratio < 1:
         raise NanosaeError(f"--ratio must be in (0, 1), got {cfg.ratio}")
+    if cfg.passes < 1:
+        raise NanosaeError(
+            f"--passes must be at least 1 (each paired forward trains that many passes), got {cfg.passes}"
+        )
     t = _stage(1, "models")
     specs = _specs(cfg)
     ma, mb, tok = _load_pair(cfg, specs)
@@ -568,7 +585,11 @@ def run_diff(cfg: DiffConfig) -> dict:
     times["models"] = time.perf_counter() - t
     print(f"A = {labels[0]}: {ma.info.path}\nB = {labels[1]}: {mb.info.path}\nsite {site}, width {ma.config.n_embd}")
 
-    t = _stage(2, f"{cfg.arch} on {cfg.tokens:,} paired tokens (both models run on every batch)")
+    t = _stage(
+        2,
+        f"{cfg.arch} on {cfg.tokens:,} rows: {-(-cfg.tokens // cfg.passes):,} paired tokens (both models run on every "
+        f"batch), {cfg.passes} shuffled passes over each",
+    )
     folder = out / "crosscoder"
     cc = _train(cfg, ma, mb, tok, site, folder)
     side_a, side_b = _save_sides(cc, folder, names)
@@ -637,7 +658,7 @@ def run_diff(cfg: DiffConfig) -> dict:
 
 def _examples(rows: list[dict], n: int = 4) -> dict[str, list[dict]]:
     """The n most frequent exclusive latents of each side that Latent Scaling does not flag, and the 2n most
-    frequent redirected shared latents (the tiny pair has no exclusive ones)."""
+    frequent redirected shared latents."""
     found = {}
     for g in ("a_only", "b_only"):
         keep = (r for r in rows if r["group"] == g and not r["artefact"] and r["density"] > 0)

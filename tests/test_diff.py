@@ -285,6 +285,42 @@ def test_paired_stream_states_the_memory_of_its_doubled_rows(pair):
     assert 0.95 * stream.buffer_bytes <= held <= stream.buffer_bytes  # what --max-memory counts is what is held
 
 
+def test_passes_serve_each_paired_fill_several_times_reshuffled_and_resume(pair):
+    (ma, tok, _), (mb, _, _) = (load_model(pair, phase=p) for p in ("base", "sft"))
+
+    def stream(passes, state=None):
+        s = activations.paired_model_stream(
+            ma, mb, tok, "blocks.1.resid_post", None, 64, passes=passes, state=state, buffer_tokens=1024, seed=3
+        )
+        forwards = []
+        real = s._acts
+        s._acts = lambda ids: forwards.append(1) or real(ids)  # one call runs both models on one token batch
+        return s, forwards
+
+    def rows(s, count):  # the stream's next `count` rows, whatever its batch size
+        return torch.cat(s._consume(count, keep=True))
+
+    n = len(stream(1)[0]._load((0,)))  # a fill: 1024 tokens, 8 rows of 128, BOS dropped
+    one, one_forwards = stream(1)
+    fill0 = rows(one, n)
+    three, forwards = stream(3)
+    first = rows(three, 3 * n)
+    assert len(forwards) == len(one_forwards) == 1  # three passes over fill 0 ran its forward once
+    for p in range(3):  # each pass is fill 0 again, in an order of its own
+        part = first[p * n : (p + 1) * n]
+        assert torch.equal(part.sort(0).values, fill0.sort(0).values)
+        assert not torch.equal(part, first[((p + 1) % 3) * n : ((p + 1) % 3 + 1) * n])
+    assert three._bid == (3,) and torch.equal(three._load((3,)), one._load((1,))) and len(forwards) == 2  # fill 1
+
+    # a resumed stream (nothing held) continues exactly, mid-pass
+    s, _ = stream(3)
+    rows(s, n + 100)
+    state, rest = s.state(), rows(s, n)
+    assert torch.equal(rows(stream(3, state)[0], n), rest)
+    with pytest.raises(NanosaeError, match="passes must be at least 1"):
+        stream(0)
+
+
 def test_held_out_contexts_point_at_the_tokens_of_the_activations(pair):
     (ma, tok, _), (mb, _, _) = (load_model(pair, phase=p) for p in ("base", "sft"))
     site = "blocks.1.resid_post"
@@ -317,6 +353,7 @@ def test_diff_bad_requests(pair, tmp_path):
         (["--model", str(pair), "--step", "20", "--step", "5"], r"no model_000005.pt \(steps present: 20\)"),
         (["--model", str(pair), "--phase", "base", "--phase", "sft", "--layer", "7"], "layer"),
         (["--model", str(tmp_path / "nope"), "--phase", "base", "--phase", "sft"], "nope"),
+        (["--model", str(pair), "--phase", "base", "--phase", "sft", "--passes", "0"], "--passes must be at least 1"),
     ]
     for args, message in cases:
         rc, text = run_cli(["diff", *args, "--out", str(tmp_path / "d"), *DIFF])
