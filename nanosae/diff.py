@@ -384,6 +384,8 @@ def _train(cfg: DiffConfig, ma, mb, tok, site: str, folder: Path) -> SAE:
     if (folder / CHECKPOINT).exists():
         saved = read_checkpoint(folder)
         changed = changed_settings(tcfg, saved)
+        if saved["streams"][0].get("passes", 1) != cfg.passes:  # a setting of the stream, not of the trainer
+            changed.append("passes")
         if changed and not cfg.force:
             raise NanosaeError(
                 f"{folder} holds a crosscoder trained with other settings ({', '.join(changed)}); pass --force or "

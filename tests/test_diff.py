@@ -274,6 +274,8 @@ def test_diff_end_to_end_resumes_and_reuses(pair, tmp_path, monkeypatch):
 
     rc, text = run_cli(argv)  # everything done: reused
     assert rc == 0 and "reusing the crosscoder" in text
+    rc, text = run_cli([*argv, "--passes", "2"])  # but not for other settings, the stream's included
+    assert rc == 2 and "other settings (passes)" in text and "--force" in text
 
 
 def test_paired_stream_states_the_memory_of_its_doubled_rows(pair):
