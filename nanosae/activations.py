@@ -774,6 +774,7 @@ class ModelStream(ActivationStream):
         fill = bid[0] // self.passes  # with passes > 1 a fill serves that many blocks, each permuted anew
         if self._held is not None and self._held[0] == fill:
             return self._held[1]
+        self._held = None  # the spent fill goes before the next is built: one block in memory, as buffer_bytes says
         ids = self._fill_tokens(fill)
         batches = ids.split(self.forward_rows)
         keep = (ids != self.tokenizer.bos_token_id).to(self.model.device)
